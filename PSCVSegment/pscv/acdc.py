@@ -1,0 +1,70 @@
+"""The ACDC cine-MRI benchmark data (HiLab-git/WSL4MIS preprocessed volumes) as a pscv dataset folder.
+
+Source volumes: `patientNNN_frameMM.h5` with `image` (slices, H, W) in [0, 1] and `label` (0 background,
+1 RV, 2 Myo, 3 LV). No spacing is stored, so the written images have 1 mm voxels: distances (HD95) on
+ACDC are in voxels. Clicks are simulated as in the paper: in every slice, one random pixel inside each
+class present, background included.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from . import PSCVError
+from .classes import ACDC_CLASSES, write_classes
+from .clicks import simulate_clicks, write_markups
+from .volumes import Volume, write_image
+
+
+def read_split(data: Path, split: str) -> list[str]:
+    path = data / f"{split}_patients.txt"
+    if not path.is_file():
+        raise PSCVError(f"{path}: no such split file (expected {data}/train_patients.txt and val_patients.txt)")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_acdc_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(image float32, label uint8), both [k, j, i]."""
+    import h5py
+
+    with h5py.File(path, "r") as file:
+        return file["image"][:].astype(np.float32), file["label"][:].astype(np.uint8)
+
+
+def case_seed(seed: int, case: str) -> int:
+    """A per-case seed that does not depend on which other cases are converted."""
+    return seed * 1_000_003 + zlib.crc32(case.encode())
+
+
+def acdc_volumes(data: str | Path, split: str) -> list[Path]:
+    data = Path(data)
+    volumes = []
+    for patient in read_split(data, split):
+        found = sorted((data / "volumes").glob(f"{patient}_frame*.h5"))
+        if not found:
+            raise PSCVError(f"{data / 'volumes'}: no volumes for {patient} listed in {split}_patients.txt")
+        volumes.extend(found)
+    return volumes
+
+
+def prepare_acdc(data: str | Path, split: str, out: str | Path, seed: int = 0, progress=None) -> list[str]:
+    """Write images/, labels/, points/ and classes.json for one split; returns the case names."""
+    out = Path(out)
+    volumes = acdc_volumes(data, split)
+    write_classes(ACDC_CLASSES, out / "classes.json")
+    names = []
+    for number, path in enumerate(volumes):
+        name = path.stem
+        image, label = read_acdc_volume(path)
+        volume = Volume(image)
+        write_image(volume, out / "images" / f"{name}.nrrd")
+        write_image(volume.with_array(label), out / "labels" / f"{name}.nrrd")
+        clicks = simulate_clicks(label, case_seed(seed, name), slice_axis=volume.slice_axis())
+        write_markups(clicks, volume, ACDC_CLASSES, out / "points" / f"{name}.mrk.json")
+        names.append(name)
+        if progress:
+            progress({"event": "progress", "stage": "prepare", "step": number + 1, "total": len(volumes)})
+    return names

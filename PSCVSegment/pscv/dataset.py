@@ -1,0 +1,60 @@
+"""A dataset folder for cohort training and evaluation:
+
+```
+DATASET/classes.json
+DATASET/images/<case>.nrrd | .nii.gz | .nii | .mha     the images
+DATASET/points/<case>.mrk.json                         the clicks (cases without are skipped for training)
+DATASET/labels/<case>.nrrd | ...                       optional dense truth: evaluation and `full` only
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import PSCVError
+from .classes import ClassInfo, read_classes
+
+IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii.gz", ".nii", ".mha", ".mhd")
+
+
+@dataclass
+class DatasetCase:
+    name: str
+    image: Path
+    points: Path | None
+    labels: Path | None
+
+
+def case_name(path: Path) -> str | None:
+    """`patient001_frame01.nii.gz` -> `patient001_frame01`; None for files that are no image."""
+    for suffix in IMAGE_SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return None
+
+
+def find_images(folder: Path) -> dict[str, Path]:
+    images = {}
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        name = case_name(path)
+        if name is not None and not path.name.startswith("."):
+            images[name] = path
+    return images
+
+
+def read_dataset(folder: str | Path) -> tuple[list[ClassInfo], list[DatasetCase]]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PSCVError(f"{folder}: no such dataset folder (expected classes.json, images/, points/)")
+    classes = read_classes(folder / "classes.json")
+    images = find_images(folder / "images")
+    if not images:
+        raise PSCVError(f"{folder / 'images'}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    labels = find_images(folder / "labels")
+    cases = []
+    for name, image in images.items():
+        points = folder / "points" / f"{name}.mrk.json"
+        cases.append(DatasetCase(name, image, points if points.is_file() else None, labels.get(name)))
+    return classes, cases

@@ -1,0 +1,27 @@
+"""Choosing the device torch runs on."""
+
+from __future__ import annotations
+
+import torch
+
+from . import PSCVError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` takes CUDA, then Apple MPS, then the CPU; a named device must be usable."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PSCVError("device 'cuda' was asked for, but torch sees no CUDA GPU "
+                        f"(torch {torch.__version__}); use --device auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise PSCVError("device 'mps' was asked for, but Apple MPS is not available; use --device auto or cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise PSCVError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None

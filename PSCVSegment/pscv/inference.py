@@ -1,0 +1,57 @@
+"""Segment a whole volume with a trained model: slice-wise along the through-plane axis (the one with
+the largest spacing), each slice resized to the network's size, probabilities resized back to the native
+grid, all slices of a volume in batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .devices import resolve_device
+from .intensity import normalize
+from .models import Model
+from .progress import Reporter
+from .volumes import Volume
+
+
+@torch.no_grad()
+def _slice_probabilities(model: Model, volume: Volume, device, batch_size, progress, should_stop):
+    """Yield (first slice, probabilities (K, n, H, W) on the native grid) batch by batch along the slice axis."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    network = model.network.to(device).eval()
+    slices = np.moveaxis(normalize(volume.array, model.metadata["normalization"]), volume.slice_axis(), 0)
+    count, height, width = slices.shape
+    size = model.image_size
+    reporter = Reporter("predict", count, progress, should_stop, device=str(device))
+    for start in range(0, count, batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(slices[start:start + batch_size]))[:, None].to(device)
+        batch = F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = network(batch)
+        logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
+        yield start, logits.softmax(dim=1).permute(1, 0, 2, 3)
+        reporter.step(min(start + batch_size, count))
+
+
+def predict_probabilities(model: Model, volume: Volume, device="auto", batch_size: int = 16,
+                          progress=None, should_stop=None) -> np.ndarray:
+    """Class probabilities (K, k, j, i) float32 on the volume's native grid."""
+    axis = volume.slice_axis()
+    sliced_shape = (volume.shape[axis], *(n for a, n in enumerate(volume.shape) if a != axis))
+    output = np.empty((model.network.head.out_channels, *sliced_shape), dtype=np.float32)
+    for start, probabilities in _slice_probabilities(model, volume, device, batch_size, progress, should_stop):
+        output[:, start:start + probabilities.shape[1]] = probabilities.cpu().numpy()
+    return np.moveaxis(output, 1, axis + 1)
+
+
+def predict_volume(model: Model, volume: Volume, device="auto", batch_size: int = 16, progress=None,
+                   should_stop=None) -> np.ndarray:
+    """Label map `[k, j, i]` of class label values (uint8, or uint16 for values above 255)."""
+    values = np.array([c.value for c in model.classes])
+    values = values.astype(np.uint8 if values.max() <= 255 else np.uint16)
+    axis = volume.slice_axis()
+    output = np.moveaxis(np.empty(volume.shape, dtype=values.dtype), axis, 0)  # a view: writes land in order
+    for start, probabilities in _slice_probabilities(model, volume, device, batch_size, progress, should_stop):
+        output[start:start + probabilities.shape[1]] = values[probabilities.argmax(dim=0).cpu().numpy()]
+    return np.moveaxis(output, 0, axis)

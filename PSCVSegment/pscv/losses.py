@@ -1,0 +1,120 @@
+"""Losses: small pure functions of tensors.
+
+Shapes: `logits` (B, K, H, W); `image` (B, 1, H, W) normalised intensities; `sparse_target` (B, H, W)
+class indices with `IGNORE` where no click; `dense_target` (B, H, W) class indices.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = 255
+EPS = 1e-6
+
+
+def partial_cross_entropy(logits: torch.Tensor, sparse_target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the clicked pixels only (0 when the batch holds no click)."""
+    target = sparse_target.long()
+    clicked = target != IGNORE
+    if not clicked.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), target, ignore_index=IGNORE)
+
+
+def dense_cross_entropy(logits: torch.Tensor, dense_target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy + soft Dice on every pixel: the fully supervised upper bound (the WSL4MIS recipe)."""
+    probabilities = logits.float().softmax(dim=1)
+    one_hot = F.one_hot(dense_target.long(), logits.shape[1]).permute(0, 3, 1, 2).float()
+    intersection = (probabilities * one_hot).sum(dim=(0, 2, 3))
+    dice = (2 * intersection + EPS) / (probabilities.sum(dim=(0, 2, 3)) + one_hot.sum(dim=(0, 2, 3)) + EPS)
+    return 0.5 * F.cross_entropy(logits.float(), dense_target.long()) + 0.5 * (1 - dice.mean())
+
+
+def class_means(probabilities: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """c_bk = sum_j p_bk(j) x_b(j) / sum_j p_bk(j): the mean intensity of each class, (B, K, 1, 1)."""
+    mass = probabilities.sum(dim=(2, 3), keepdim=True)
+    return (probabilities * image).sum(dim=(2, 3), keepdim=True) / (mass + EPS)
+
+
+def variance_maps(probabilities: torch.Tensor, image: torch.Tensor, detach_means: bool = False) -> torch.Tensor:
+    """z_bk(j) = p_bk(j) (x_b(j) - c_bk)^2, (B, K, H, W)."""
+    means = class_means(probabilities, image)
+    return probabilities * (image - (means.detach() if detach_means else means)) ** 2
+
+
+def mumford_shah(probabilities: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """The piecewise-constant Mumford-Shah energy sum_k p_k (x - c_k)^2, averaged over pixels and images."""
+    return variance_maps(probabilities, image).sum(dim=1).mean()
+
+
+def contrastive_variance(maps: torch.Tensor, present: torch.Tensor | None = None, temperature: float = 0.1,
+                         pairing: str = "infonce") -> torch.Tensor:
+    """Contrast the flattened per-class maps of different images of a batch.
+
+    `maps` (B, K, ...); `present` optional bool (B, K): which classes each image holds (anchors and
+    positives are then restricted to classes present in both images; absent maps are never used).
+    For an anchor (b, k) the positives are (b', k) and the negatives (b', k'), k' != k, over b' != b.
+    `pairing`: "infonce" scores each positive against the anchor's negatives; "supcon" scores each
+    positive against all of the anchor's candidates (positives and negatives), as SupCon does.
+    """
+    batch, classes = maps.shape[:2]
+    if batch < 2:
+        return maps.sum() * 0.0
+    features = F.normalize(maps.float().reshape(batch * classes, -1), dim=1, eps=EPS)
+    similarity = features @ features.T / temperature  # (BK, BK)
+    image_of = torch.arange(batch, device=maps.device).repeat_interleave(classes)
+    class_of = torch.arange(classes, device=maps.device).repeat(batch)
+    usable = (torch.ones(batch, classes, dtype=torch.bool, device=maps.device) if present is None
+              else present.bool()).reshape(-1)
+    other_image = image_of[:, None] != image_of[None, :]
+    candidates = other_image & usable[:, None] & usable[None, :]
+    positive = candidates & (class_of[:, None] == class_of[None, :])
+    negative = candidates & ~positive
+    if not positive.any():
+        return maps.sum() * 0.0
+    exp_similarity = torch.exp(similarity - similarity.max().detach())
+    log_exp = similarity - similarity.max().detach()
+    negative_sum = (exp_similarity * negative).sum(dim=1, keepdim=True)
+    if pairing == "infonce":
+        denominator = exp_similarity + negative_sum
+    elif pairing == "supcon":
+        denominator = (exp_similarity * candidates).sum(dim=1, keepdim=True).expand_as(similarity)
+    else:
+        raise ValueError(f"unknown pairing {pairing!r}: use infonce or supcon")
+    log_probability = log_exp - torch.log(denominator + EPS)
+    return -(log_probability * positive).sum() / positive.sum()
+
+
+def local_affinity(probabilities: torch.Tensor, image: torch.Tensor, radius: int = 2, sigma_intensity: float = 0.1,
+                   sigma_distance: float = 2.0) -> torch.Tensor:
+    """A CRF-like pairwise term: neighbours (within `radius`) of similar intensity should agree.
+
+    Mean over pixels of sum_n w(i, n) (1 - p_i . p_n) / sum_n w(i, n), with
+    w = exp(-(x_i - x_n)^2 / 2 sigma_intensity^2 - |i - n|^2 / 2 sigma_distance^2).
+    """
+    batch, classes, height, width = probabilities.shape
+    size = 2 * radius + 1
+    neighbours_p = F.unfold(probabilities, size, padding=radius).view(batch, classes, size * size, height * width)
+    neighbours_x = F.unfold(image, size, padding=radius).view(batch, 1, size * size, height * width)
+    offsets = torch.arange(-radius, radius + 1, device=image.device, dtype=image.dtype)
+    distance2 = (offsets[:, None] ** 2 + offsets[None, :] ** 2).reshape(1, 1, -1, 1)
+    centre_x = image.reshape(batch, 1, 1, height * width)
+    weight = torch.exp(-(neighbours_x - centre_x) ** 2 / (2 * sigma_intensity**2) - distance2 / (2 * sigma_distance**2))
+    inside = F.unfold(torch.ones_like(image), size, padding=radius).view(batch, 1, size * size, height * width)
+    weight = weight * inside
+    weight[:, :, size * size // 2] = 0  # not the pixel itself
+    agreement = (neighbours_p * probabilities.reshape(batch, classes, 1, height * width)).sum(dim=1, keepdim=True)
+    return ((weight * (1 - agreement)).sum(dim=2) / (weight.sum(dim=2) + EPS)).mean()
+
+
+def pseudo_label_cross_entropy(logits: torch.Tensor, teacher_probabilities: torch.Tensor,
+                               sparse_target: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Cross-entropy on the teacher's confident pixels (max probability >= threshold); clicks overrule."""
+    confidence, pseudo = teacher_probabilities.max(dim=1)
+    target = torch.where(confidence >= threshold, pseudo, torch.full_like(pseudo, IGNORE))
+    clicked = sparse_target.long() != IGNORE
+    target = torch.where(clicked, sparse_target.long(), target)
+    if not (target != IGNORE).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), target, ignore_index=IGNORE)

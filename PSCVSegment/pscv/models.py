@@ -1,0 +1,101 @@
+"""Trained models on disk: `model.safetensors` (weights) + `model.json` (everything needed to use them).
+
+Loading never executes code from the file. A model whose format differs, that a newer engine wrote,
+or whose classes differ from the ones asked for is refused with a message that says which and why.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import PSCVError, __version__
+from .classes import ClassInfo, classes_to_json, parse_classes
+from .network import UNet
+
+FORMAT = "pscv-model/1"
+WEIGHTS, METADATA = "model.safetensors", "model.json"
+
+
+@dataclass
+class Model:
+    network: UNet
+    metadata: dict  # format, engine_version, classes, normalization, network, method, settings, ...
+
+    @property
+    def classes(self) -> list[ClassInfo]:
+        return parse_classes(self.metadata["classes"], "model")
+
+    @property
+    def image_size(self) -> int:
+        return int(self.metadata["network"]["image_size"])
+
+
+def build_metadata(classes, normalization: dict, network: dict, method: str, settings: dict, **extra) -> dict:
+    return {"format": FORMAT, "engine_version": __version__, "classes": classes_to_json(classes),
+            "normalization": normalization, "network": network, "method": method, "settings": settings, **extra}
+
+
+def build_network(network: dict) -> UNet:
+    return UNet(num_classes=network["num_classes"], in_channels=network.get("in_channels", 1),
+                widths=network["widths"], dropout=network["dropout"])
+
+
+def save_model(model: Model, directory: str | Path) -> Path:
+    """Write the model folder; both files appear atomically."""
+    from safetensors.torch import save_file
+
+    from .atomic import atomic_path, write_text_atomic
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().float().cpu().contiguous() for name, tensor in model.network.state_dict().items()}
+    with atomic_path(directory / WEIGHTS) as temporary:
+        save_file(state, str(temporary), metadata={"format": FORMAT})
+    write_text_atomic(directory / METADATA, json.dumps(model.metadata, indent=2) + "\n")
+    return directory
+
+
+def _version_tuple(version: str) -> tuple:
+    return tuple(int(part) if part.isdigit() else 0 for part in str(version).split(".")[:3])
+
+
+def load_model(directory: str | Path, classes: list[ClassInfo] | None = None, device="cpu") -> Model:
+    """Load a model folder (or its model.json / model.safetensors path); check format, version, classes."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if directory.is_file():
+        directory = directory.parent
+    metadata_path, weights_path = directory / METADATA, directory / WEIGHTS
+    for path in (metadata_path, weights_path):
+        if not path.is_file():
+            raise PSCVError(f"{directory}: not a pscv model folder ({path.name} is missing)")
+    try:
+        metadata = json.loads(metadata_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PSCVError(f"{metadata_path}: damaged model description ({error})") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        found = metadata.get("format") if isinstance(metadata, dict) else None
+        raise PSCVError(f"{metadata_path}: model format {found!r} is not {FORMAT!r}; "
+                        "retrain the model with this version of pscv")
+    if _version_tuple(metadata.get("engine_version", "0")) > _version_tuple(__version__):
+        raise PSCVError(f"{directory}: written by pscv {metadata['engine_version']}, newer than this pscv "
+                        f"{__version__}; upgrade pscv (pip install -U pscv) to use it")
+    model_classes = parse_classes(metadata["classes"], str(metadata_path))
+    if classes is not None:
+        expected = [(c.name.lower(), c.value) for c in classes]
+        found = [(c.name.lower(), c.value) for c in model_classes]
+        if expected != found:
+            raise PSCVError(f"{directory}: the model was trained for classes "
+                            f"{[f'{n}={v}' for n, v in found]}, not {[f'{n}={v}' for n, v in expected]}; "
+                            "use a model trained for these classes or change classes.json")
+    network = build_network(metadata["network"])
+    try:
+        state = load_file(str(weights_path), device=str(device))
+        network.load_state_dict(state)
+    except (SafetensorError, RuntimeError, OSError) as error:
+        raise PSCVError(f"{weights_path}: damaged or mismatched weights ({str(error).splitlines()[0]})") from None
+    return Model(network.to(device).eval(), metadata)

@@ -1,0 +1,322 @@
+"""The one training loop. Methods differ only in the loss terms they switch on:
+
+- `pce`:  partial cross-entropy on the clicked pixels;
+- `pscv`: pCE + cv_weight * contrastive variance loss (losses.contrastive_variance on the variance maps);
+- `ms`:   pCE + ms_weight * Mumford-Shah;
+- `full`: dense labels (cross-entropy + Dice), the upper bound; needs `labels` on every case.
+
+The data set lives on the training device as tensors: every training slice resized once to
+`image_size` x `image_size`; batches are drawn, augmented (one transform for the whole batch, so that
+organs stay aligned across the images of a batch) and fed without per-sample Python work.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import PSCVError
+from .classes import ClassInfo
+from .clicks import Clicks
+from .devices import resolve_device
+from .intensity import DEFAULT_NORMALIZATION, normalize
+from .losses import (
+    IGNORE,
+    contrastive_variance,
+    dense_cross_entropy,
+    local_affinity,
+    mumford_shah,
+    partial_cross_entropy,
+    pseudo_label_cross_entropy,
+    variance_maps,
+)
+from .models import Model, build_metadata, build_network
+from .network import DEFAULT_DROPOUT, DEFAULT_WIDTHS
+from .progress import Reporter
+from .volumes import Volume
+
+METHODS = ("pscv", "pce", "ms", "full")
+
+
+@dataclass
+class TrainSettings:
+    method: str = "pscv"  # pscv | pce | ms | full
+    iterations: int = 30000
+    batch_size: int = 12
+    image_size: int = 256  # slices are resized to image_size x image_size (a multiple of 16)
+    learning_rate: float = 0.01  # SGD, momentum 0.9, poly decay (power 0.9)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    augment: str = "flip"  # none | flip (random flips and 90-degree turns, one for the whole batch)
+    cv_weight: float = 0.1  # lambda
+    cv_temperature: float = 0.1  # tau
+    cv_pairing: str = "infonce"  # infonce | supcon
+    cv_present_only: bool = True  # contrast only classes clicked in both images
+    cv_map: str = "variance"  # variance: p (x - c)^2 | probability: p itself (the prediction's spatial layout)
+    cv_pool: int = 1  # average-pool the maps by this factor before contrasting them (1 = full resolution)
+    cv_detach_means: bool = False  # stop gradients through the class means c
+    cv_warmup: int = 0  # ramp lambda up linearly over this many iterations
+    ms_weight: float = 0.1
+    # Terms any point-supervised method can add (0 = off):
+    affinity_weight: float = 0.0  # CRF-like: neighbours of similar intensity agree (losses.local_affinity)
+    affinity_sigma: float = 0.1  # intensity scale of that affinity, in normalised units
+    pseudo_weight: float = 0.0  # cross-entropy on an EMA teacher's confident pixels
+    pseudo_threshold: float = 0.9
+    pseudo_start: float = 0.3  # fraction of the iterations before pseudo-labels start
+    ema_decay: float = 0.99
+    normalization: dict = field(default_factory=lambda: dict(DEFAULT_NORMALIZATION))
+    widths: tuple = DEFAULT_WIDTHS
+    dropout: tuple = DEFAULT_DROPOUT
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise PSCVError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.image_size % 16 or self.image_size < 32:
+            raise PSCVError(f"image_size {self.image_size} must be a multiple of 16 and at least 32")
+        if self.iterations < 1 or self.batch_size < 1:
+            raise PSCVError("iterations and batch_size must be at least 1")
+        if self.cv_pairing not in ("infonce", "supcon"):
+            raise PSCVError(f"cv_pairing {self.cv_pairing!r}: use infonce or supcon")
+        if self.augment not in ("none", "flip"):
+            raise PSCVError(f"augment {self.augment!r}: use none or flip")
+        if self.cv_map not in ("variance", "probability"):
+            raise PSCVError(f"cv_map {self.cv_map!r}: use variance or probability")
+        if self.cv_pool < 1 or self.image_size % self.cv_pool:
+            raise PSCVError(f"cv_pool {self.cv_pool} must be at least 1 and divide image_size {self.image_size}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainSettings:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PSCVError(f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["widths"], data["dropout"] = list(self.widths), list(self.dropout)
+        return data
+
+
+@dataclass
+class TrainingCase:
+    image: Volume
+    clicks: Clicks | None = None
+    labels: np.ndarray | None = None  # dense class values [k, j, i]; for `full` only
+    name: str = ""
+
+
+@dataclass
+class TrainingTensors:
+    images: torch.Tensor  # (N, 1, S, S) normalised
+    sparse: torch.Tensor  # (N, S, S) uint8 class indices, IGNORE where unclicked
+    dense: torch.Tensor | None  # (N, S, S) uint8 class indices
+    present: torch.Tensor  # (N, K) bool: classes clicked (or labelled) in each slice
+
+
+def resize_slices(slices: np.ndarray, size: int) -> torch.Tensor:
+    """(n, H, W) float -> (n, 1, size, size) bilinear."""
+    tensor = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None]
+    return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def scale_coordinates(coordinates: np.ndarray, extent: int, size: int) -> np.ndarray:
+    """Pixel indices on a grid of `extent` -> the pixel of a `size` grid whose area holds the centre."""
+    return np.clip(np.floor((coordinates + 0.5) * size / extent), 0, size - 1).astype(np.int64)
+
+
+def case_tensors(case: TrainingCase, classes: list[ClassInfo], settings: TrainSettings) -> TrainingTensors:
+    """The training slices of one case: slices with clicks (or every slice with labels for `full`)."""
+    index_of = {c.value: n for n, c in enumerate(classes)}
+    axis = case.image.slice_axis()
+    image = np.moveaxis(normalize(case.image.array, settings.normalization), axis, 0)
+    count, height, width = image.shape
+    size = settings.image_size
+    sparse = np.full((count, size, size), IGNORE, dtype=np.uint8)
+    present = np.zeros((count, len(classes)), dtype=bool)
+    if case.clicks is not None and len(case.clicks):
+        unknown = sorted(set(case.clicks.values.tolist()) - set(index_of))
+        if unknown:
+            raise PSCVError(f"{case.name or 'case'}: clicks with label values {unknown} that no class has")
+        kji = case.clicks.kji
+        slice_index = kji[:, axis]
+        rows, cols = (kji[:, a] for a in range(3) if a != axis)
+        class_index = np.array([index_of[v] for v in case.clicks.values.tolist()], dtype=np.uint8)
+        sparse[slice_index, scale_coordinates(rows, height, size), scale_coordinates(cols, width, size)] = class_index
+        present[slice_index, class_index] = True
+    dense = None
+    if settings.method == "full":
+        if case.labels is None:
+            raise PSCVError(f"{case.name or 'case'}: method 'full' needs dense labels for every case")
+        lookup = np.zeros(int(case.labels.max()) + 1, dtype=np.uint8)
+        for value, n in index_of.items():
+            if value < len(lookup):
+                lookup[value] = n
+        labels = np.moveaxis(lookup[case.labels], axis, 0)
+        dense_t = F.interpolate(torch.from_numpy(labels[:, None].astype(np.float32)), size=(size, size),
+                                mode="nearest-exact")[:, 0].to(torch.uint8)
+        dense = dense_t
+        keep = np.ones(count, dtype=bool)
+        present = F.one_hot(dense_t.long().flatten(1), len(classes)).amax(dim=1).bool().numpy()
+    else:
+        keep = present.any(axis=1)
+    return TrainingTensors(
+        images=resize_slices(image[keep], size),
+        sparse=torch.from_numpy(sparse[keep]),
+        dense=None if dense is None else dense[torch.from_numpy(keep)],
+        present=torch.from_numpy(present[keep]),
+    )
+
+
+def build_training_tensors(cases, classes, settings, device) -> TrainingTensors:
+    parts = [case_tensors(case, classes, settings) for case in cases]
+    parts = [p for p in parts if len(p.images)]
+    if not parts:
+        raise PSCVError("no training slice: no case has clicks" if settings.method != "full"
+                        else "no training slice: the cases are empty")
+    clicked = torch.cat([p.present for p in parts]).any(dim=0)
+    if settings.method != "full" and clicked.sum() < 2:
+        names = [c.name for c, seen in zip(classes, clicked.tolist()) if seen]
+        raise PSCVError(f"clicks found for {names or 'no class'} only: place points on the background and "
+                        "on at least one organ")
+    dense = None if parts[0].dense is None else torch.cat([p.dense for p in parts]).to(device)
+    return TrainingTensors(
+        images=torch.cat([p.images for p in parts]).to(device),
+        sparse=torch.cat([p.sparse for p in parts]).to(device),
+        dense=dense,
+        present=torch.cat([p.present for p in parts]).to(device),
+    )
+
+
+def augment_batch(tensors: list[torch.Tensor | None], generator: torch.Generator) -> list:
+    """One random flip / 90-degree turn applied to every image of the batch (keeps them aligned)."""
+    turns, flip = torch.randint(0, 4, (2,), generator=generator).tolist()
+    out = []
+    for tensor in tensors:
+        if tensor is not None:
+            tensor = torch.rot90(tensor, turns, dims=(-2, -1))
+            if flip % 2:
+                tensor = torch.flip(tensor, dims=(-1,))
+        out.append(tensor)
+    return out
+
+
+def loss_terms(logits, images, sparse, dense, present, settings: TrainSettings, step: int,
+               teacher_probabilities=None) -> dict:
+    """The loss terms of the chosen method, each a scalar tensor already weighted; the total is their sum."""
+    if settings.method == "full":
+        return {"dense": dense_cross_entropy(logits, dense)}
+    terms = {"pce": partial_cross_entropy(logits, sparse)}
+    probabilities = logits.float().softmax(dim=1)
+    images = images.float()
+    if settings.method == "pscv":
+        maps = (variance_maps(probabilities, images, settings.cv_detach_means) if settings.cv_map == "variance"
+                else probabilities)
+        if settings.cv_pool > 1:
+            maps = F.avg_pool2d(maps, settings.cv_pool)
+        ramp = min(1.0, (step + 1) / settings.cv_warmup) if settings.cv_warmup else 1.0
+        terms["cv"] = ramp * settings.cv_weight * contrastive_variance(
+            maps, present if settings.cv_present_only else None, settings.cv_temperature, settings.cv_pairing)
+    elif settings.method == "ms":
+        terms["ms"] = settings.ms_weight * mumford_shah(probabilities, images)
+    if settings.affinity_weight:
+        terms["affinity"] = settings.affinity_weight * local_affinity(
+            probabilities, images, sigma_intensity=settings.affinity_sigma)
+    if teacher_probabilities is not None:
+        terms["pseudo"] = settings.pseudo_weight * pseudo_label_cross_entropy(
+            logits, teacher_probabilities, sparse, settings.pseudo_threshold)
+    return terms
+
+
+@torch.no_grad()
+def update_teacher(teacher, student, decay: float) -> None:
+    """Exponential moving average of the student's weights (and a copy of its batch-norm statistics)."""
+    for teacher_parameter, parameter in zip(teacher.parameters(), student.parameters()):
+        teacher_parameter.lerp_(parameter, 1 - decay)
+    for teacher_buffer, buffer in zip(teacher.buffers(), student.buffers()):
+        teacher_buffer.copy_(buffer)
+
+
+def poly_learning_rate(settings: TrainSettings, step: int) -> float:
+    return settings.learning_rate * (1 - step / settings.iterations) ** 0.9
+
+
+def train(cases: list[TrainingCase], classes: list[ClassInfo], settings: TrainSettings | None = None,
+          progress=None, should_stop=None) -> Model:
+    """Train a U-Net on the cases' clicks (or labels for `full`); returns the model with its metadata.
+
+    The loss history is in `model.metadata["history"]` (step, loss terms) for curves.
+    """
+    settings = settings or TrainSettings()
+    device = resolve_device(settings.device)
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    reporter = Reporter("load", 1, progress, should_stop, device=str(device))
+    reporter.step(0, force=True)
+    data = build_training_tensors(cases, classes, settings, device)
+    network_shape = {"num_classes": len(classes), "in_channels": 1, "widths": list(settings.widths),
+                     "dropout": list(settings.dropout), "image_size": settings.image_size, "architecture": "unet2d"}
+    network = build_network(network_shape).to(device)
+    use_cuda = device.type == "cuda"
+    if use_cuda:
+        network = network.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(network.parameters(), lr=settings.learning_rate, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay)
+    teacher = None
+    if settings.pseudo_weight and settings.method != "full":
+        teacher = copy.deepcopy(network).eval().requires_grad_(False)
+    pseudo_from = int(settings.pseudo_start * settings.iterations)
+    count = len(data.images)
+    batch_size = min(settings.batch_size, count) if settings.method == "full" else settings.batch_size
+    history, started = [], time.monotonic()
+    reporter = Reporter("train", settings.iterations, progress, should_stop, device=str(device))
+    network.train()
+    for step in range(settings.iterations):
+        index = torch.randint(0, count, (batch_size,), generator=generator).to(device)
+        images, sparse = data.images[index], data.sparse[index]
+        dense = None if data.dense is None else data.dense[index]
+        if settings.augment == "flip":
+            images, sparse, dense = augment_batch([images, sparse, dense], generator)
+        for group in optimizer.param_groups:
+            group["lr"] = poly_learning_rate(settings, step)
+        if use_cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_cuda):
+            logits = network(images)
+            teacher_probabilities = None
+            if teacher is not None and step >= pseudo_from:
+                with torch.no_grad():
+                    teacher_probabilities = teacher(images).float().softmax(dim=1)
+        terms = loss_terms(logits, images, sparse, dense, data.present[index], settings, step, teacher_probabilities)
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if teacher is not None:
+            update_teacher(teacher, network, settings.ema_decay)
+        record = step % 10 == 0 or step == settings.iterations - 1
+        if record:  # reading the loss waits for the device, so only every 10 steps
+            history.append({"step": step, "loss": loss.item(), **{k: v.item() for k, v in terms.items()}})
+            if not math.isfinite(history[-1]["loss"]):
+                raise PSCVError(f"training diverged at step {step} (loss {history[-1]['loss']}); lower the "
+                                "learning rate or the loss weights")
+        reporter.step(step + 1, history[-1]["loss"] if history else None)
+    seconds = time.monotonic() - started
+    network.eval()
+    metadata = build_metadata(
+        classes, settings.normalization, network_shape, settings.method, settings.to_dict(),
+        training={"slices": count, "clicks": int((data.sparse != IGNORE).sum().item()), "cases": len(cases),
+                  "seconds": round(seconds, 2), "device": str(device),
+                  "images_per_second": round(settings.iterations * batch_size / max(seconds, 1e-9), 1)},
+        history=history,
+    )
+    return Model(network.to(memory_format=torch.contiguous_format), metadata)
+
