@@ -8,6 +8,7 @@ directions of the i, j and k axes.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,8 @@ class Volume:
     spacing: np.ndarray = field(default_factory=lambda: np.ones(3))  # (i, j, k), mm
     origin: np.ndarray = field(default_factory=lambda: np.zeros(3))  # LPS, mm
     direction: np.ndarray = field(default_factory=lambda: np.eye(3))  # columns = i, j, k axes in LPS
+    # For an image read from a DICOM series: its files, in slice (k) order; DICOM-SEG export references them.
+    dicom_files: tuple[str, ...] = ()
 
     def __post_init__(self):
         self.spacing = np.asarray(self.spacing, dtype=float).reshape(3)
@@ -37,7 +40,7 @@ class Volume:
         """The same geometry holding another array (e.g. a label map)."""
         if array.shape != self.array.shape:
             raise ValueError(f"array shape {array.shape} differs from the volume's {self.array.shape}")
-        return Volume(array, self.spacing.copy(), self.origin.copy(), self.direction.copy())
+        return Volume(array, self.spacing.copy(), self.origin.copy(), self.direction.copy(), self.dicom_files)
 
     def index_to_lps(self, ijk: np.ndarray) -> np.ndarray:
         """Continuous `(i, j, k)` indices, shape (..., 3) -> LPS points (..., 3)."""
@@ -49,6 +52,22 @@ class Volume:
         lps = np.asarray(lps, dtype=float)
         return np.linalg.solve(self.direction, (lps - self.origin).T).T / self.spacing
 
+    def lps_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Smallest and largest LPS coordinates covered by the image (voxel edges, not centres)."""
+        size = np.array(self.array.shape[::-1], dtype=float)
+        corners = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)], dtype=float)
+        lps = self.index_to_lps(corners * size - 0.5)
+        return lps.min(axis=0), lps.max(axis=0)
+
+    def describe_geometry(self) -> str:
+        """One line naming size (i, j, k), spacing, origin and direction, for error messages."""
+        def fmt(values):
+            return "(" + ", ".join(f"{v:.6g}" for v in np.ravel(values)) + ")"
+
+        size = "x".join(str(n) for n in self.array.shape[::-1])
+        return (f"{size} voxels, spacing {fmt(self.spacing)} mm, origin {fmt(self.origin)}, "
+                f"direction {fmt(self.direction.T)}")
+
     def slice_axis(self) -> int:
         """The array axis (0 = k, 1 = j, 2 = i) to slice along: the one with the largest spacing.
 
@@ -58,24 +77,74 @@ class Volume:
         return int(np.flatnonzero(spacing_kji >= spacing_kji.max() - 1e-6)[0])
 
 
-def read_image(path: str | Path) -> Volume:
-    """Read a scalar 3-D image (NRRD, NIfTI, MHA, ...) with its geometry, as float32."""
+def read_image(path: str | Path, series_uid: str | None = None) -> Volume:
+    """Read a scalar 3-D image with its geometry, as float32.
+
+    `path` is an image file (NRRD/NHDR, NIfTI, MHA/MHD, anything SimpleITK reads) or a folder holding a
+    DICOM series (searched with its subfolders; `series_uid` picks one series when there are several).
+    Non-finite voxels (NaN, +-inf) are replaced by the smallest / largest finite value, with a warning.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _read_dicom_folder(path, series_uid)
+    if not path.exists():
+        raise PSCVError(f"{path}: no such image file or DICOM folder")
+    image = _read_file(path)
+    return _volume_from_sitk(image, str(path))
+
+
+def _read_file(path: Path):
     import SimpleITK as sitk
 
-    path = Path(path)
-    if not path.exists():
-        raise PSCVError(f"{path}: no such image file")
+    if path.stat().st_size == 0:
+        raise PSCVError(f"{path}: the file is empty")
     try:
-        image = sitk.ReadImage(str(path))
+        return sitk.ReadImage(str(path))
     except RuntimeError as error:
-        raise PSCVError(f"{path}: could not read the image ({str(error).strip().splitlines()[-1]})") from None
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise PSCVError(
-            f"{path}: expected a scalar 3-D image, got {image.GetDimension()}-D with "
-            f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel"
+            f"{path}: could not read the image ({str(error).strip().splitlines()[-1]}); expected NRRD, NIfTI, "
+            "MHA/MHD, or a folder holding a DICOM series"
+        ) from None
+
+
+def _read_dicom_folder(folder: Path, series_uid: str | None) -> Volume:
+    from .dicom import read_series, select_series
+
+    series = select_series(folder, series_uid)
+    volume = _volume_from_sitk(read_series(series), f"{folder} (DICOM series {series.uid or '(no UID)'})")
+    volume.dicom_files = tuple(series.files)
+    return volume
+
+
+def _volume_from_sitk(image, source: str) -> Volume:
+    import SimpleITK as sitk
+
+    dimension, components = image.GetDimension(), image.GetNumberOfComponentsPerPixel()
+    if dimension != 3 or components != 1:
+        raise PSCVError(
+            f"{source}: expected a scalar 3-D image, got a {dimension}-D image with {components} value(s) per "
+            f"voxel (size {list(image.GetSize())}); extract one 3-D scalar volume first (one time point / "
+            "channel), or for DICOM pass the folder of the series rather than one file"
         )
-    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    array = _replace_non_finite(array, source)
     return Volume(array, image.GetSpacing(), image.GetOrigin(), np.reshape(image.GetDirection(), (3, 3)))
+
+
+def _replace_non_finite(array: np.ndarray, source: str) -> np.ndarray:
+    finite = np.isfinite(array)
+    if finite.all():
+        return array
+    if not finite.any():
+        raise PSCVError(f"{source}: every voxel is NaN or infinite; there is no image to segment")
+    bad = int(array.size - finite.sum())
+    low, high = float(array[finite].min()), float(array[finite].max())
+    warnings.warn(
+        f"{source}: {bad} of {array.size} voxels are NaN or infinite; NaN and -inf were set to the smallest "
+        f"finite value ({low:g}), +inf to the largest ({high:g})",
+        stacklevel=3,
+    )
+    return np.nan_to_num(array, nan=low, neginf=low, posinf=high)
 
 
 def to_sitk(volume: Volume):
@@ -88,6 +157,10 @@ def to_sitk(volume: Volume):
     return image
 
 
+# Formats that SimpleITK writes as one file; detached headers (.mhd + .raw, .nhdr) cannot be renamed atomically.
+WRITABLE_IMAGE_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
+
+
 def write_image(volume: Volume, path: str | Path) -> None:
     """Write an image or label map (type kept) with its geometry; the file appears atomically."""
     import SimpleITK as sitk
@@ -95,5 +168,7 @@ def write_image(volume: Volume, path: str | Path) -> None:
     from .atomic import atomic_path
 
     path = Path(path)
+    if not path.name.lower().endswith(WRITABLE_IMAGE_SUFFIXES):
+        raise PSCVError(f"{path}: cannot write this image format; use one of {', '.join(WRITABLE_IMAGE_SUFFIXES)}")
     with atomic_path(path) as temporary:
         sitk.WriteImage(to_sitk(volume), str(temporary), useCompression=True)
