@@ -16,9 +16,10 @@ import SimpleITK as sitk
 from dicom_series_helper import write_ct_series
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.spatial.transform import Rotation
+
 from pscv import PSCVError
 from pscv.volumes import Volume, read_image, write_image
-from scipy.spatial.transform import Rotation
 
 DATA = Path(__file__).parent / "Data" / "formats"
 CT = DATA / "slicerio" / "CTChest4.nrrd"
