@@ -65,8 +65,8 @@ class Volume:
             return "(" + ", ".join(f"{v:.6g}" for v in np.ravel(values)) + ")"
 
         size = "x".join(str(n) for n in self.array.shape[::-1])
-        return (f"{size} voxels, spacing {fmt(self.spacing)} mm, origin {fmt(self.origin)}, "
-                f"direction {fmt(self.direction.T)}")
+        axes = " ".join(f"{axis} {fmt(self.direction[:, n])}" for n, axis in enumerate("ijk"))
+        return f"{size} voxels, spacing {fmt(self.spacing)} mm, origin {fmt(self.origin)}, axes {axes}"
 
     def slice_axis(self) -> int:
         """The array axis (0 = k, 1 = j, 2 = i) to slice along: the one with the largest spacing.
