@@ -428,6 +428,9 @@ def reference_datasets(volume: Volume, reference_dicom_dir=None, series_uid: str
     datasets = []
     for name in files:
         dataset = pydicom.dcmread(name, stop_before_pixels=True)
+        if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
+            raise PSCVError(f"{name}: a multi-frame image; DICOM-SEG export supports series of single-frame "
+                            "slices only")
         missing = [a for a in _REQUIRED_SOURCE_ATTRIBUTES if not str(dataset.get(a, "")).strip()]
         if missing:
             raise PSCVError(f"{name}: lacks {', '.join(missing)}, which a DICOM-SEG must reference (the series "
@@ -435,9 +438,6 @@ def reference_datasets(volume: Volume, reference_dicom_dir=None, series_uid: str
                             "export the segmentation as .seg.nrrd / NIfTI instead")
         if "SpecificCharacterSet" in dataset and not str(dataset.SpecificCharacterSet).strip():
             del dataset.SpecificCharacterSet  # empty means the default repertoire; highdicom rejects ''
-        if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
-            raise PSCVError(f"{name}: a multi-frame image; DICOM-SEG export supports series of single-frame "
-                            "slices only")
         datasets.append(dataset)
     return _sorted_on_grid(datasets, volume, source)
 
