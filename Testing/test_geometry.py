@@ -12,6 +12,7 @@ import nrrd
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from pscv import PSCVError, geometry
 
 DATA = Path(__file__).parent / "Data" / "formats"
