@@ -34,7 +34,7 @@ BACKGROUND_COLOR = (0.6, 0.6, 0.6)
 
 # Python packages the background process needs (import name, pip name); torch comes from the PyTorch
 # extension and SimpleITK is Slicer's own: neither is ever pip-installed here.
-WORKER_PACKAGES = [("numpy", "numpy"), ("scipy", "scipy"), ("nrrd", "pynrrd"), ("h5py", "h5py")]
+WORKER_PACKAGES = [("numpy", "numpy"), ("scipy", "scipy")]
 
 
 #
@@ -161,7 +161,7 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._task = None
-        self._tableNodeIds = []
+        self._observedPointLists = []
         self._updatingTable = False
         self._pollTimer = None
 
@@ -272,19 +272,18 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return [node for node in self._parameterNode.classPointLists if node is not None]
 
     def _setPointListObservers(self, nodes):
-        for nodeId in self._tableNodeIds:
-            node = slicer.mrmlScene.GetNodeByID(nodeId)
-            if node:
-                for event in self.logic.POINT_LIST_EVENTS:
-                    self.removeObserver(node, event, self.onPointListModified)
+        for node in self._observedPointLists:
+            for event in self.logic.POINT_LIST_EVENTS:
+                self.removeObserver(node, event, self.onPointListModified)
         for node in nodes:
             for event in self.logic.POINT_LIST_EVENTS:
                 self.addObserver(node, event, self.onPointListModified)
-        self._tableNodeIds = [node.GetID() for node in nodes]
+        self._observedPointLists = list(nodes)
 
     def updateClassesTable(self):
         nodes = self._classNodes()
-        if [node.GetID() for node in nodes] != self._tableNodeIds:
+        shown = [node.GetID() for node in self._observedPointLists]
+        if [node.GetID() for node in nodes] != shown or self.ui.classesTable.rowCount != len(nodes):
             self._rebuildClassesTable(nodes)
         else:
             self.onPointListModified()
@@ -445,7 +444,7 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                             f"{', '.join(existing)}. Replace them with the new result?"):
                         return
                     replaceExisting = True
-            settings = self.logic.jobSettings(p.device, p.iterations if kind != "predict" else None)
+            settings = self.logic.jobSettings(p.device, p.iterations if kind == "segment" else None)
             self._task = self.logic.startTask(
                 kind, p.inputVolume, nodes, classes=classes, segmentationNode=p.outputSegmentation,
                 settings=settings, connection=connection,
@@ -729,13 +728,13 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
             raise ValueError("Add classes and place points first.")
         if pointListNodes is not None and classes is None:
             classes = self.classesFromPointLists(pointListNodes)
-        workDirectory = slicer.util.tempDirectory("PSCVSegment-")
-        inputs = self.prepareJob(os.path.join(workDirectory, "inputs"), volumeNode,
-                                 pointListNodes if kind != "predict" else None, classes)
         if segmentationNode is not None and classes is not None and not replaceExisting:
             existing = self.segmentsToReplace(segmentationNode, classes)
             if existing:
                 raise SegmentsExistError(segmentationNode, existing)
+        workDirectory = slicer.util.tempDirectory("PSCVSegment-")
+        inputs = self.prepareJob(os.path.join(workDirectory, "inputs"), volumeNode,
+                                 pointListNodes if kind != "predict" else None, classes)
         submit = dict(inputs, settings=settings or self.jobSettings())
         if kind != "segment":
             submit["model"] = modelDirectory
