@@ -58,3 +58,27 @@ def read_dataset(folder: str | Path) -> tuple[list[ClassInfo], list[DatasetCase]
         points = folder / "points" / f"{name}.mrk.json"
         cases.append(DatasetCase(name, image, points if points.is_file() else None, labels.get(name)))
     return classes, cases
+
+
+def load_training_cases(dataset_folder, method: str):
+    """(classes, [TrainingCase]) of a dataset folder: cases with points, or with labels for `full`."""
+    from .clicks import read_clicks
+    from .segfiles import read_segmentation
+    from .training import TrainingCase
+    from .volumes import read_image
+
+    classes, entries = read_dataset(dataset_folder)
+    cases = []
+    for entry in entries:
+        if method == "full" and entry.labels is None or method != "full" and entry.points is None:
+            continue
+        volume = read_image(entry.image)
+        if method == "full":
+            labels = read_segmentation(entry.labels, classes, volume)
+            cases.append(TrainingCase(volume, labels=labels, name=entry.name))
+        else:
+            cases.append(TrainingCase(volume, read_clicks([entry.points], volume, classes), name=entry.name))
+    if not cases:
+        need = "labels/<case> files" if method == "full" else "points/<case>.mrk.json files"
+        raise PSCVError(f"{dataset_folder}: no case to train on (method {method} needs {need})")
+    return classes, cases

@@ -21,7 +21,7 @@ GPU_BUDGET = {"iterations": 2000, "image_size": 256, "batch_size": 12}
 def case_settings(device: str = "auto", **overrides) -> TrainSettings:
     """Training settings for one case: the budget that suits the device, then the caller's overrides."""
     budget = CPU_BUDGET if resolve_device(device).type == "cpu" else GPU_BUDGET
-    return TrainSettings(**{**budget, "device": device, **overrides})
+    return TrainSettings.from_dict({**budget, "device": device, **overrides})
 
 
 def segment_case(volume: Volume, clicks: Clicks, classes: list[ClassInfo], settings: TrainSettings | None = None,

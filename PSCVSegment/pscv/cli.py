@@ -1,0 +1,419 @@
+"""The `pscv` command line.
+
+Each command is an `_add_<name>(subparsers)` function that declares its arguments and sets
+`run=<function>`; `build_parser` lists them in the order `pscv --help` shows. Heavy imports (torch)
+happen inside the run functions so that `pscv --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import PSCVError, __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pscv",
+        description="Segment organs in CT/MRI volumes from a few clicks: a 2D U-Net is trained from point "
+        "annotations with the PSCV method (partial cross-entropy + contrastive variance loss).",
+    )
+    parser.add_argument("--version", action="version", version=f"pscv {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_segment, _add_train, _add_predict, _add_evaluate, _add_export, _add_prepare_acdc, _add_bench,
+                _add_worker, _add_serve):
+        add(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 1
+    try:
+        return args.run(args) or 0
+    except PSCVError as error:
+        print(f"pscv {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pscv {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+class ConsoleProgress:
+    """Prints progress events on stderr: one updating line on a terminal, a line every few seconds in a log."""
+
+    def __init__(self, stream=sys.stderr, quiet: bool = False):
+        self.stream, self.quiet = stream, quiet
+        self.interactive = stream.isatty()
+        self.last_stage, self.last_print = None, 0.0
+
+    def __call__(self, event: dict) -> None:
+        if self.quiet or event.get("event", "progress") != "progress":
+            return
+        stage, step, total = event.get("stage"), event.get("step", 0), event.get("total", 0)
+        finished = total and step >= total
+        now = time.monotonic()
+        if not self.interactive and not finished and stage == self.last_stage and now - self.last_print < 5:
+            return
+        if self.interactive and self.last_stage not in (None, stage):
+            self.stream.write("\n")
+        parts = [f"[{stage}] {step}/{total}"]
+        if event.get("loss") is not None:
+            parts.append(f"loss {event['loss']:.4f}")
+        if event.get("seconds_left") is not None and not finished:
+            parts.append(f"~{event['seconds_left']:.0f} s left")
+        if event.get("device"):
+            parts.append(f"({event['device']})")
+        line = "  ".join(parts)
+        self.stream.write(f"\r{line:<70}" if self.interactive else line + "\n")
+        if self.interactive and finished:
+            self.stream.write("\n")
+        self.stream.flush()
+        self.last_stage, self.last_print = stage, now
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _add_training_options(parser, methods=True):
+    group = parser.add_argument_group("training")
+    if methods:
+        group.add_argument("--method", choices=["pscv", "pce", "ms", "full"], default=None,
+                           help="loss: pscv = partial cross-entropy + contrastive variance (default); pce = "
+                           "partial cross-entropy only; ms = pCE + Mumford-Shah; full = dense labels (upper bound)")
+    group.add_argument("--iterations", type=int, help="training iterations (default: depends on the command)")
+    group.add_argument("--image-size", type=int, help="slices are resized to this square size (multiple of 16)")
+    group.add_argument("--batch-size", type=int, help="slices per training batch")
+    group.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N, mps")
+    group.add_argument("--seed", type=int, help="random seed (default 0): same seed, same model on the same device")
+    group.add_argument("--normalize", metavar="MODE",
+                       help="intensities: percentile[:LOW:HIGH] (default percentile:0.5:99.5, per volume) or "
+                       "window:LOW:HIGH (fixed, e.g. window:-160:240 for abdominal CT)")
+    group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other training setting, e.g. --set cv_weight=0.05 (see docs/ENGINE_API.md)")
+
+
+def _settings_overrides(args) -> dict:
+    """The training settings the user gave on the command line."""
+    from .intensity import parse_normalization
+
+    overrides = {"device": args.device}
+    for key in ("method", "iterations", "image_size", "batch_size", "seed"):
+        if getattr(args, key, None) is not None:
+            overrides[key] = getattr(args, key)
+    if args.normalize:
+        overrides["normalization"] = parse_normalization(args.normalize)
+    for item in args.set:
+        key, separator, value = item.partition("=")
+        if not separator or not key:
+            raise PSCVError(f"--set {item!r}: expected KEY=VALUE, e.g. --set cv_weight=0.05")
+        overrides[key.strip()] = _parse_value(value.strip())
+    return overrides
+
+
+def _add_segment(subparsers):
+    parser = subparsers.add_parser(
+        "segment", help="train on one image's own clicks, then segment all of it",
+        description="The single-case mode: train a network on the clicks placed on this image, then segment "
+        "every slice. Place one or more points per class (background included) on some slices.")
+    parser.add_argument("image", help="the image: NRRD, NIfTI, MHA or a DICOM series folder")
+    parser.add_argument("--points", nargs="+", required=True, metavar="CLICKS",
+                        help="markups files (.mrk.json, .fcsv): point lists named after the classes")
+    parser.add_argument("--classes", required=True, help="classes.json: names, label values, colors")
+    parser.add_argument("--out", required=True, help="the segmentation: .seg.nrrd (3D Slicer), .nrrd or .nii.gz")
+    parser.add_argument("--save-model", metavar="DIR", help="also save the trained model in this folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_training_options(parser)
+    parser.set_defaults(run=_run_segment)
+
+
+def _run_segment(args):
+    from .classes import read_classes
+    from .clicks import read_clicks
+    from .volumes import read_image
+
+    classes = read_classes(args.classes)
+    volume = read_image(args.image)
+    clicks = read_clicks(args.points, volume, classes)
+    from .models import save_model
+    from .segfiles import write_segmentation
+    from .segment import case_settings, segment_case
+
+    overrides = _settings_overrides(args)
+    settings = case_settings(**overrides)
+    started = time.monotonic()
+    labelmap, model = segment_case(volume, clicks, classes, settings, progress=ConsoleProgress(quiet=args.quiet))
+    write_segmentation(args.out, labelmap, volume, classes)
+    if args.save_model:
+        save_model(model, args.save_model)
+    print(f"wrote {args.out} ({len(clicks)} clicks, {settings.iterations} iterations on "
+          f"{model.metadata['training']['device']}, {time.monotonic() - started:.1f} s)")
+
+
+def _add_train(subparsers):
+    parser = subparsers.add_parser(
+        "train", help="train a model on a dataset folder",
+        description="Train on a dataset folder: DATASET/classes.json, DATASET/images/<case>.nrrd|.nii.gz, "
+        "DATASET/points/<case>.mrk.json (and DATASET/labels/<case>.* for --method full).")
+    parser.add_argument("dataset", help="the dataset folder")
+    parser.add_argument("--out", required=True, help="folder to write the model to (model.safetensors + model.json)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_training_options(parser)
+    parser.set_defaults(run=_run_train)
+
+
+def _run_train(args):
+    from .dataset import load_training_cases
+    from .models import save_model
+    from .training import TrainSettings, train
+
+    overrides = _settings_overrides(args)
+    settings = TrainSettings.from_dict(overrides)
+    classes, cases = load_training_cases(args.dataset, settings.method)
+    print(f"training {settings.method} on {len(cases)} cases, {settings.iterations} iterations", file=sys.stderr)
+    model = train(cases, classes, settings, progress=ConsoleProgress(quiet=args.quiet))
+    save_model(model, args.out)
+    info = model.metadata["training"]
+    print(f"wrote {args.out} ({info['slices']} slices, {info['clicks']} clicks, {info['seconds']:.0f} s on "
+          f"{info['device']}, {info['images_per_second']} images/s)")
+
+
+def _add_predict(subparsers):
+    parser = subparsers.add_parser("predict", help="segment images with a trained model")
+    parser.add_argument("image", help="an image file, or a folder of images")
+    parser.add_argument("--model", required=True, help="a model folder written by pscv train or segment")
+    parser.add_argument("--out", required=True,
+                        help="output file (.seg.nrrd, .nrrd, .nii.gz) for one image; a folder for a folder")
+    parser.add_argument("--format", default=".seg.nrrd", choices=[".seg.nrrd", ".nrrd", ".nii.gz"],
+                        help="file type written for each image of a folder (default .seg.nrrd)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.set_defaults(run=_run_predict)
+
+
+def _run_predict(args):
+    from .dataset import find_images
+    from .inference import predict_volume
+    from .models import load_model
+    from .segfiles import write_segmentation
+    from .volumes import read_image
+
+    model = load_model(args.model)
+    source, out = Path(args.image), Path(args.out)
+    images = find_images(source) if source.is_dir() else {}
+    if images:  # a folder of image files; otherwise one image (a file, or a DICOM series folder)
+        jobs = [(path, out / f"{name}{args.format}") for name, path in images.items()]
+    else:
+        jobs = [(source, out)]
+    progress = ConsoleProgress(quiet=args.quiet)
+    for path, destination in jobs:
+        volume = read_image(path)
+        started = time.monotonic()
+        labelmap = predict_volume(model, volume, args.device, progress=progress)
+        write_segmentation(destination, labelmap, volume, model.classes)
+        print(f"wrote {destination} ({time.monotonic() - started:.1f} s)")
+
+
+def _add_evaluate(subparsers):
+    parser = subparsers.add_parser(
+        "evaluate", help="Dice and HD95 of predictions against ground truth",
+        description="Compare segmentations with ground truth on the native grid: Dice and HD95 (mm, through the "
+        "voxel spacing) per class and their mean. Both may be files or folders (matched by case name).")
+    parser.add_argument("predictions", help="a segmentation file or a folder of them")
+    parser.add_argument("ground_truth", help="a ground-truth file or a folder of them")
+    parser.add_argument("--classes", help="classes.json (default: the segments of the first .seg.nrrd, or the "
+                        "classes.json of the ground truth's dataset folder)")
+    parser.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
+    parser.set_defaults(run=_run_evaluate)
+
+
+def _pair_files(predictions: Path, truths: Path) -> list[tuple[str, Path, Path]]:
+    from .dataset import case_name, find_images
+
+    if predictions.is_file() and truths.is_file():
+        return [(case_name(truths) or truths.name, predictions, truths)]
+    if not (predictions.is_dir() and truths.is_dir()):
+        raise PSCVError(f"{predictions} and {truths}: give two files or two folders")
+    found, expected = find_images(predictions), find_images(truths)
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise PSCVError(f"{predictions}: no prediction for {len(missing)} case(s) of {truths}: "
+                        f"{', '.join(missing[:5])}")
+    return [(name, found[name], expected[name]) for name in sorted(expected)]
+
+
+def _evaluation_classes(args, pairs):
+    from .classes import read_classes
+    from .segfiles import segmentation_classes
+
+    if args.classes:
+        return read_classes(args.classes)
+    for candidate in (Path(args.ground_truth) / "classes.json", Path(args.ground_truth).parent / "classes.json"):
+        if candidate.is_file():
+            return read_classes(candidate)
+    for _, prediction, truth in pairs[:1]:
+        for path in (prediction, truth):
+            if path.name.endswith(".seg.nrrd"):
+                return segmentation_classes(path)
+    raise PSCVError("no class list: give --classes classes.json (or .seg.nrrd files, whose segments name them)")
+
+
+def _run_evaluate(args):
+    from .metrics import evaluate_case, mean_scores
+    from .segfiles import read_segmentation
+    from .volumes import read_image
+
+    pairs = _pair_files(Path(args.predictions), Path(args.ground_truth))
+    classes = _evaluation_classes(args, pairs)
+    per_case = {}
+    for name, prediction, truth in pairs:
+        reference = read_image(truth)
+        truth_map = read_segmentation(truth, classes, reference)
+        prediction_map = read_segmentation(prediction, classes, reference)
+        per_case[name] = evaluate_case(prediction_map, truth_map, classes, reference.spacing[::-1])
+    names = [c.name for c in classes if c.value != 0] + ["mean"]
+    summary = {n: mean_scores([scores[n] for scores in per_case.values()]) for n in names}
+    print(f"{'class':<16}{'Dice':>8}{'HD95 mm':>10}   ({len(per_case)} case(s))")
+    for n in names:
+        print(f"{n:<16}{summary[n]['dice']:>8.4f}{summary[n]['hd95']:>10.2f}")
+    if args.json:
+        from .atomic import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps({"summary": summary, "cases": per_case}, indent=2) + "\n")
+
+
+def _add_prepare_acdc(subparsers):
+    parser = subparsers.add_parser(
+        "prepare-acdc", help="convert the ACDC volumes into a dataset folder with simulated clicks",
+        description="Write DATASET/images, labels, points (one random click per class present in every slice, "
+        "background included, seeded) and classes.json for the patients of one split.")
+    parser.add_argument("--data", default="../shared/data/acdc", help="the ACDC folder (volumes/, *_patients.txt)")
+    parser.add_argument("--split", choices=["train", "val"], required=True)
+    parser.add_argument("--out", required=True, help="the dataset folder to write")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the simulated clicks (default 0)")
+    parser.set_defaults(run=_run_prepare_acdc)
+
+
+def _run_prepare_acdc(args):
+    from .acdc import prepare_acdc
+
+    names = prepare_acdc(args.data, args.split, args.out, args.seed, progress=ConsoleProgress())
+    print(f"wrote {len(names)} cases to {args.out}")
+
+
+def _add_bench(subparsers):
+    parser = subparsers.add_parser(
+        "bench", help="the ACDC benchmark: pce, ms, pscv and full, and the single-case mode vs Grow from seeds",
+        description="Train every method with the same clicks and seed on the ACDC train patients, evaluate on the "
+        "val patients, and compare the single-case mode with Grow from seeds on some val volumes. Writes a "
+        "Markdown table, a JSON file and a picture to --out.")
+    parser.add_argument("dataset", choices=["acdc"], help="the benchmark (only acdc)")
+    parser.add_argument("--profile", choices=["quick", "paper"], default="quick",
+                        help="quick: 128 px, short training, for 2 CPU cores (< 45 min); paper: 256 px, "
+                        "tens of thousands of iterations, for a GPU")
+    parser.add_argument("--data", default="../shared/data/acdc", help="the ACDC folder (volumes/, *_patients.txt)")
+    parser.add_argument("--out", default="runs/bench-acdc", help="folder for the results")
+    parser.add_argument("--methods", default="pce,ms,pscv,full", help="comma-separated methods to train")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--iterations", type=int, help="override the profile's iterations")
+    parser.add_argument("--single-case-volumes", type=int, help="val volumes for the single-case comparison")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a training setting for every method, e.g. --set cv_weight=0.05")
+    parser.set_defaults(run=_run_bench)
+
+
+def _run_bench(args):
+    from .bench import run_acdc_benchmark
+
+    overrides = {}
+    for item in args.set:
+        key, separator, value = item.partition("=")
+        if not separator:
+            raise PSCVError(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key.strip()] = _parse_value(value.strip())
+    run_acdc_benchmark(args.data, args.out, profile=args.profile, methods=args.methods.split(","),
+                       device=args.device, seed=args.seed, iterations=args.iterations,
+                       single_case_volumes=args.single_case_volumes, overrides=overrides,
+                       progress=ConsoleProgress())
+
+
+def _add_export(subparsers):
+    parser = subparsers.add_parser(
+        "export", help="convert a segmentation to DICOM-SEG, NIfTI, NRRD or 3D Slicer .seg.nrrd",
+        description="Convert SEG (a .seg.nrrd or a label map) to another format. DICOM-SEG references the DICOM "
+        "series given by --reference; for the other formats --reference (an image or DICOM folder) is optional "
+        "and puts the segmentation on that image's grid.")
+    parser.add_argument("segmentation", metavar="SEG", help="a .seg.nrrd or label map (.nrrd, .nii.gz, .mha)")
+    parser.add_argument("--to", choices=["dicom-seg", "nifti", "nrrd", "seg.nrrd"],
+                        help="output format (default: from the --out extension)")
+    parser.add_argument("--reference", help="the source image: for dicom-seg the DICOM series folder (required)")
+    parser.add_argument("--series", help="SeriesInstanceUID, when the --reference folder holds several series")
+    parser.add_argument("--classes", help="classes.json (optional for a .seg.nrrd, whose segments name them)")
+    parser.add_argument("--out", required=True, help="the file to write")
+    parser.set_defaults(run=_run_export)
+
+
+def _run_export(args):
+    from .classes import read_classes
+    from .segfiles import export_segmentation
+
+    classes = read_classes(args.classes) if args.classes else None
+    fmt = export_segmentation(args.segmentation, args.out, args.to, args.reference, args.series, classes)
+    print(f"wrote {fmt} {args.out}")
+
+
+
+def _add_worker(subparsers):
+    parser = subparsers.add_parser(
+        "worker", help="run one job folder, printing its events as JSON lines (for the Slicer module and pscv serve)",
+        description="Run the job described by JOB_DIR/job.json (segment, train, predict or finetune) and print one "
+        "JSON event per line on stdout. SIGTERM or a JOB_DIR/cancel file stops it within 2 seconds. Exit status: "
+        "0 done, 1 error, 3 cancelled. See docs/ENGINE_API.md, Jobs.")
+    parser.add_argument("job_dir", metavar="JOB_DIR", help="the job folder")
+    parser.set_defaults(run=_run_worker)
+
+
+def _run_worker(args):
+    from .worker import main as run_worker
+
+    return run_worker(args.job_dir)
+
+
+def _add_serve(subparsers):
+    parser = subparsers.add_parser(
+        "serve", help="the HTTP service that runs jobs for remote clients (e.g. on a GPU machine)",
+        description="Run jobs submitted over HTTP, one at a time per GPU, keeping them under --root. Listens on "
+        "127.0.0.1 unless --host says otherwise; any other address needs a token (--token or PSCV_TOKEN), which "
+        "every request must then send as 'Authorization: Bearer TOKEN'.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                        "only; 0.0.0.0: every network, needs a token)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--token", help="the secret clients must send (default: the PSCV_TOKEN environment variable)")
+    parser.add_argument("--root", default=None, help="folder for the jobs and their results (default ~/pscv-service)")
+    parser.add_argument("--max-upload-mb", type=float, default=1024, help="largest request accepted (default 1024)")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="jobs run at once, one per GPU (GPU n runs every n-th job; default 1)")
+    parser.set_defaults(run=_run_serve)
+
+
+def _run_serve(args):
+    from .server import serve
+
+    serve(host=args.host, port=args.port, token=args.token, root=args.root, max_upload_mb=args.max_upload_mb,
+          gpus=args.gpus)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The `pscv` command line as a user runs it: real subprocesses, real files, slicerio reading our output."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+
+DATA = Path(__file__).parent / "Data" / "acdc"
+CASE = "patient002_frame01"
+TINY = ["--iterations", "4", "--image-size", "32", "--batch-size", "2", "--device", "cpu",
+        "--set", "widths=[8,16,32,64,128]"]
+
+
+def pscv(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "pscv.cli", *map(str, args)], capture_output=True, text=True,
+                            env={"PYTHONPATH": str(Path(__file__).parents[1] / "PSCVSegment"), "OMP_NUM_THREADS": "2",
+                                 "PATH": "/usr/bin:/bin"})
+    if check and result.returncode:
+        raise AssertionError(f"pscv {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def test_help_for_every_command():
+    listing = pscv("--help").stdout
+    for command in ("segment", "train", "predict", "evaluate", "prepare-acdc", "bench"):
+        assert command in listing
+        assert "usage: pscv " + command in pscv(command, "--help").stdout
+
+
+def test_segment_writes_a_seg_nrrd_that_slicerio_reads_with_names_colors_and_geometry(tmp_path):
+    out = tmp_path / "result.seg.nrrd"
+    result = pscv("segment", DATA / f"{CASE}.nrrd", "--points", DATA / f"{CASE}.mrk.json",
+                  "--classes", DATA / "classes.json", "--out", out, "--save-model", tmp_path / "model", *TINY)
+    assert "wrote" in result.stdout and "[train] 4/4" in result.stderr
+    segmentation = slicerio.read_segmentation(str(out))
+    classes = json.loads((DATA / "classes.json").read_text())["classes"]
+    segments = {s["name"]: s for s in segmentation["segments"]}
+    assert sorted(segments) == ["LV", "Myo", "RV"]
+    for info in classes[1:]:
+        assert segments[info["name"]]["labelValue"] == info["value"]
+        assert np.allclose(segments[info["name"]]["color"], np.array(info["color"]) / 255, atol=1e-3)
+    source = sitk.ReadImage(str(DATA / f"{CASE}.nrrd"))
+    assert np.allclose(segmentation["ijkToLPS"][:3, 3], source.GetOrigin())
+    assert np.allclose(np.linalg.norm(segmentation["ijkToLPS"][:3, :3], axis=0), source.GetSpacing())
+    voxels = segmentation["voxels"]
+    assert voxels.shape[::-1] == sitk.GetArrayFromImage(source).shape or voxels.shape == source.GetSize()
+    assert (tmp_path / "model" / "model.json").is_file()
+
+
+def test_train_predict_evaluate_on_a_dataset_folder(tmp_path):
+    dataset = tmp_path / "dataset"
+    for sub, name in (("images", f"{CASE}.nrrd"), ("points", f"{CASE}.mrk.json"), ("labels", f"{CASE}.nrrd")):
+        (dataset / sub).mkdir(parents=True)
+        shutil.copy(DATA / (f"{CASE}_label.nrrd" if sub == "labels" else name), dataset / sub / name)
+    shutil.copy(DATA / "classes.json", dataset / "classes.json")
+    for method in ("pscv", "full"):
+        pscv("train", dataset, "--out", tmp_path / f"model-{method}", "--method", method, *TINY)
+        meta = json.loads((tmp_path / f"model-{method}" / "model.json").read_text())
+        assert meta["method"] == method and meta["training"]["cases"] == 1
+    pscv("predict", dataset / "images", "--model", tmp_path / "model-pscv", "--out", tmp_path / "predictions",
+         "--format", ".nrrd", "--device", "cpu")
+    prediction = tmp_path / "predictions" / f"{CASE}.nrrd"
+    assert sitk.ReadImage(str(prediction)).GetSize() == sitk.ReadImage(str(DATA / f"{CASE}.nrrd")).GetSize()
+    report = tmp_path / "scores.json"
+    perfect = pscv("evaluate", dataset / "labels", dataset / "labels", "--json", report).stdout
+    assert "mean" in perfect and json.loads(report.read_text())["summary"]["mean"]["dice"] == 1.0
+    scores = pscv("evaluate", tmp_path / "predictions", dataset / "labels").stdout
+    mean_dice = float(next(line.split()[1] for line in scores.splitlines() if line.startswith("mean")))
+    assert 0 <= mean_dice < 1
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["segment", "missing.nrrd", "--points", "p.mrk.json", "--classes", "c.json", "--out", "o.seg.nrrd"],
+     "no such"),
+    (["train", "no-such-folder", "--out", "m"], "no such dataset folder"),
+    (["predict", str(DATA / f"{CASE}.nrrd"), "--model", "no-model", "--out", "o.nrrd"], "not a pscv model folder"),
+    (["segment", str(DATA / f"{CASE}.nrrd"), "--points", str(DATA / f"{CASE}.mrk.json"), "--classes",
+      str(DATA / "classes.json"), "--out", "o.seg.nrrd", "--method", "pscv", "--set", "cv_wieght=1"],
+     "unknown training setting"),
+])
+def test_errors_are_one_clear_line_and_exit_2(tmp_path, arguments, message):
+    result = pscv(*arguments, check=False)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr

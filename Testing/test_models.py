@@ -1,0 +1,85 @@
+"""Models save with their metadata, load without executing code, and refuse what does not fit."""
+
+import json
+
+import pytest
+import torch
+from synthetic import CLASSES, two_organ_volume
+
+from pscv import PSCVError, __version__
+from pscv.classes import ClassInfo
+from pscv.clicks import simulate_clicks
+from pscv.inference import predict_volume
+from pscv.models import load_model, save_model
+from pscv.training import TrainingCase, TrainSettings, train
+
+
+@pytest.fixture(scope="module")
+def model_and_volume():
+    torch.set_num_threads(2)
+    volume, labels = two_organ_volume(slices=3, size=32)
+    settings = TrainSettings(method="pce", iterations=3, image_size=32, batch_size=2, device="cpu",
+                             widths=(8, 16, 32, 64, 128), normalization={"mode": "window", "low": 0, "high": 1000})
+    return train([TrainingCase(volume, simulate_clicks(labels, 0))], CLASSES, settings), volume
+
+
+def test_round_trip_keeps_weights_metadata_and_predictions(tmp_path, model_and_volume):
+    model, volume = model_and_volume
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m", classes=CLASSES)
+    metadata = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert metadata["engine_version"] == __version__ and metadata["method"] == "pce"
+    assert metadata["normalization"] == {"mode": "window", "low": 0, "high": 1000}
+    assert metadata["network"]["image_size"] == 32 and metadata["network"]["num_classes"] == 3
+    assert [c.name for c in loaded.classes] == ["background", "disk", "box"]
+    assert (predict_volume(loaded, volume, "cpu") == predict_volume(model, volume, "cpu")).all()
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.json", "model.safetensors"]
+
+
+def test_other_classes_are_refused(tmp_path, model_and_volume):
+    save_model(model_and_volume[0], tmp_path / "m")
+    other = [ClassInfo("background", 0), ClassInfo("liver", 1), ClassInfo("box", 2)]
+    with pytest.raises(PSCVError, match="trained for classes.*disk=1"):
+        load_model(tmp_path / "m", classes=other)
+
+
+def test_newer_engine_and_other_format_are_refused(tmp_path, model_and_volume):
+    save_model(model_and_volume[0], tmp_path / "m")
+    path = tmp_path / "m" / "model.json"
+    metadata = json.loads(path.read_text())
+    path.write_text(json.dumps({**metadata, "engine_version": "99.0.0"}))
+    with pytest.raises(PSCVError, match="newer than this pscv"):
+        load_model(tmp_path / "m")
+    path.write_text(json.dumps({**metadata, "format": "pscv-model/0"}))
+    with pytest.raises(PSCVError, match="model format 'pscv-model/0'"):
+        load_model(tmp_path / "m")
+
+
+def test_damaged_files_are_refused_cleanly(tmp_path, model_and_volume):
+    save_model(model_and_volume[0], tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    with pytest.raises(PSCVError, match="damaged or mismatched weights"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / "model.json").write_text("{not json")
+    with pytest.raises(PSCVError, match="damaged model description"):
+        load_model(tmp_path / "m")
+    with pytest.raises(PSCVError, match="not a pscv model folder"):
+        load_model(tmp_path)
+
+
+def test_weights_of_another_network_shape_are_refused(tmp_path, model_and_volume):
+    save_model(model_and_volume[0], tmp_path / "m")
+    path = tmp_path / "m" / "model.json"
+    metadata = json.loads(path.read_text())
+    metadata["network"]["widths"] = [16, 32, 64, 128, 256]
+    path.write_text(json.dumps(metadata))
+    with pytest.raises(PSCVError, match="mismatched weights"):
+        load_model(tmp_path / "m")
+
+
+def test_a_pickle_is_never_loaded(tmp_path, model_and_volume):
+    save_model(model_and_volume[0], tmp_path / "m")
+    torch.save(model_and_volume[0].network.state_dict(), tmp_path / "m" / "model.safetensors")  # a pickle
+    with pytest.raises(PSCVError, match="damaged or mismatched weights"):
+        load_model(tmp_path / "m")

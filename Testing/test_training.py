@@ -1,0 +1,141 @@
+"""Click simulation, a tiny end-to-end train/predict, reproducibility and the single-case mode."""
+
+import numpy as np
+import pytest
+import torch
+from synthetic import CLASSES, two_organ_volume
+
+from pscv import PSCVError
+from pscv.clicks import Clicks, simulate_clicks
+from pscv.inference import predict_probabilities, predict_volume
+from pscv.metrics import dice
+from pscv.segment import segment_case
+from pscv.training import TrainingCase, TrainSettings, case_tensors, scale_coordinates, train
+
+torch.set_num_threads(2)
+TINY = {"image_size": 32, "batch_size": 4, "device": "cpu", "widths": (8, 16, 32, 64, 128)}
+
+
+def test_simulated_clicks_one_per_present_class_per_slice_inside_it():
+    _, labels = two_organ_volume()
+    labels[2, labels[2] == 2] = 0  # the box is absent from slice 2
+    clicks = simulate_clicks(labels, seed=3)
+    for k in range(labels.shape[0]):
+        in_slice = clicks.kji[:, 0] == k
+        assert sorted(clicks.values[in_slice]) == sorted(np.unique(labels[k]))
+    assert np.all(labels[tuple(clicks.kji.T)] == clicks.values)
+    again, other = simulate_clicks(labels, seed=3), simulate_clicks(labels, seed=4)
+    assert np.array_equal(again.kji, clicks.kji)
+    assert not np.array_equal(other.kji, clicks.kji)
+
+
+def test_simulated_clicks_along_another_slice_axis():
+    _, labels = two_organ_volume(slices=5)
+    clicks = simulate_clicks(labels, seed=0, slice_axis=2)
+    assert set(clicks.kji[:, 2]) == set(range(labels.shape[2]))
+    assert np.all(labels[tuple(clicks.kji.T)] == clicks.values)
+
+
+def test_click_coordinates_scale_to_the_pixel_holding_their_centre():
+    assert scale_coordinates(np.array([0, 1, 2, 3]), 4, 2).tolist() == [0, 0, 1, 1]
+    assert scale_coordinates(np.array([0, 1]), 2, 4).tolist() == [1, 3]
+    assert scale_coordinates(np.array([215]), 216, 256).tolist() == [255]
+
+
+def test_training_tensors_keep_every_click_and_only_clicked_slices():
+    volume, labels = two_organ_volume(slices=5, size=40)
+    clicks = simulate_clicks(labels, seed=0)
+    keep = clicks.kji[:, 0] != 1  # slice 1 unclicked
+    clicks = Clicks(clicks.kji[keep], clicks.values[keep])
+    tensors = case_tensors(TrainingCase(volume, clicks), CLASSES, TrainSettings(method="pce", **TINY))
+    assert tensors.images.shape == (4, 1, 32, 32)
+    assert int((tensors.sparse != 255).sum()) == len(clicks)
+    assert tensors.present.all()
+
+
+@pytest.mark.parametrize("method", ["pce", "pscv", "ms", "full"])
+def test_tiny_end_to_end_train_and_predict(method):
+    volume, labels = two_organ_volume()
+    case = TrainingCase(volume, simulate_clicks(labels, seed=0), labels, "synthetic")
+    model = train([case], CLASSES, TrainSettings(method=method, iterations=60, learning_rate=0.05, **TINY))
+    history = model.metadata["history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    prediction = predict_volume(model, volume, "cpu")
+    assert prediction.shape == labels.shape and set(np.unique(prediction)) <= {0, 1, 2}
+    assert dice(prediction == 1, labels == 1) > 0.6  # the bright disk is easy even from points
+    probabilities = predict_probabilities(model, volume, "cpu")
+    assert probabilities.shape == (3, *labels.shape)
+    assert np.allclose(probabilities.sum(axis=0), 1, atol=1e-4)
+
+
+def test_same_seed_same_model():
+    volume, labels = two_organ_volume(slices=4, size=32)
+    case = TrainingCase(volume, simulate_clicks(labels, seed=0))
+    settings = TrainSettings(method="pscv", iterations=5, **TINY)
+    first, second = train([case], CLASSES, settings), train([case], CLASSES, settings)
+    for a, b in zip(first.network.state_dict().values(), second.network.state_dict().values()):
+        assert torch.equal(a, b)
+    third = train([case], CLASSES, TrainSettings(method="pscv", iterations=5, seed=1, **TINY))
+    assert not torch.equal(next(iter(third.network.parameters())), next(iter(first.network.parameters())))
+
+
+def test_prediction_follows_the_slice_axis_of_the_largest_spacing():
+    volume, labels = two_organ_volume(slices=6, size=32)
+    # The same volume transposed so that slices run along i: spacing (4, 1, 1) in (i, j, k) order.
+    moved = volume.with_array(volume.array)
+    moved.array = np.ascontiguousarray(np.moveaxis(volume.array, 0, 2))
+    moved.spacing = np.array([4.0, 1.0, 1.0])
+    moved_labels = np.moveaxis(labels, 0, 2)
+    assert moved.slice_axis() == 2
+    clicks = simulate_clicks(moved_labels, seed=0, slice_axis=2)
+    model = train([TrainingCase(moved, clicks)], CLASSES,
+                  TrainSettings(method="pce", iterations=60, learning_rate=0.05, **TINY))
+    prediction = predict_volume(model, moved, "cpu")
+    assert prediction.shape == moved_labels.shape
+    assert dice(prediction == 1, moved_labels == 1) > 0.6
+
+
+def test_training_refuses_clicks_of_one_class_only():
+    volume, labels = two_organ_volume(slices=3, size=32)
+    clicks = simulate_clicks(labels, seed=0)
+    only_background = Clicks(clicks.kji[clicks.values == 0], clicks.values[clicks.values == 0])
+    with pytest.raises(PSCVError, match="background and on at least one organ"):
+        train([TrainingCase(volume, only_background)], CLASSES, TrainSettings(iterations=1, **TINY))
+
+
+def test_full_needs_labels():
+    volume, labels = two_organ_volume(slices=3, size=32)
+    with pytest.raises(PSCVError, match="dense labels"):
+        train([TrainingCase(volume, simulate_clicks(labels, 0))], CLASSES,
+              TrainSettings(method="full", iterations=1, **TINY))
+
+
+def test_unknown_setting_is_named():
+    with pytest.raises(PSCVError, match="cv_wieght"):
+        TrainSettings.from_dict({"cv_wieght": 0.1})
+
+
+def test_cancel_stops_training_at_the_next_step():
+    volume, labels = two_organ_volume(slices=3, size=32)
+    from pscv.progress import Cancelled
+
+    steps = []
+    with pytest.raises(Cancelled):
+        train([TrainingCase(volume, simulate_clicks(labels, 0))], CLASSES, TrainSettings(iterations=1000, **TINY),
+              progress=lambda event: steps.append(event.get("step")), should_stop=lambda: len(steps) > 3)
+    assert len(steps) <= 5
+
+
+def test_segment_case_reports_progress_and_segments_every_slice():
+    volume, labels = two_organ_volume(slices=6)
+    clicks = simulate_clicks(labels, seed=0)
+    on_two_slices = np.isin(clicks.kji[:, 0], [1, 4])
+    events = []
+    labelmap, model = segment_case(volume, Clicks(clicks.kji[on_two_slices], clicks.values[on_two_slices]), CLASSES,
+                                   TrainSettings(iterations=60, learning_rate=0.05, **TINY), progress=events.append)
+    assert labelmap.shape == labels.shape
+    assert {e["stage"] for e in events} >= {"train", "predict"}
+    train_steps = [e["step"] for e in events if e["stage"] == "train"]
+    assert train_steps == sorted(train_steps) and train_steps[-1] == 60
+    assert dice(labelmap == 1, labels == 1) > 0.6
+    assert model.metadata["training"]["slices"] == 2

@@ -1,0 +1,135 @@
+"""Research sweep: many training configurations on ACDC, each trained on the train patients (cohort mode)
+or on one val volume's own clicks (single mode), evaluated on the val patients, several in parallel.
+
+    python benchmarks/sweep.py CONFIGS.json --out runs/sweep --workers 4 [--mode cohort|single] [--device cuda]
+
+CONFIGS.json: [{"name": "pce", "settings": {"method": "pce", ...}}, ...]; every run appends one JSON line
+to OUT/results.jsonl (name, seed, settings, mean and per-class Dice, HD95, seconds), so an interrupted
+sweep keeps what finished and a rerun skips it. The table at the end groups the seeds of each name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "PSCVSegment"))
+
+
+def run_one(config: dict, args) -> dict:
+    """Train and evaluate one configuration in this process."""
+    import torch
+
+    from pscv.bench import evaluate_model, grow_from_seeds, load_cases, prepare_data
+    from pscv.metrics import evaluate_case, mean_scores
+    from pscv.segment import case_settings
+    from pscv.training import TrainingCase, TrainSettings, train
+
+    torch.set_num_threads(args.threads)
+    folders = prepare_data(Path(args.data), Path(args.cache), 0)
+    classes, val_cases = load_cases(folders["val"])
+    settings = {"device": args.device, **config["settings"]}
+    started = time.monotonic()
+    if args.mode == "cohort":
+        _, train_cases = load_cases(folders["train"])
+        model = train(train_cases, classes, TrainSettings.from_dict(settings))
+        result = evaluate_model(model, val_cases, classes, args.device)
+        scores = result["scores"]
+    else:
+        per_case, grown = [], []
+        for case in val_cases[: args.single_cases]:
+            model = train([TrainingCase(case.image, case.clicks, name=case.name)], classes,
+                          case_settings(**settings))
+            result = evaluate_model(model, [case], classes, args.device)
+            per_case.append(result["scores"])
+            if config.get("growcut"):
+                prediction = grow_from_seeds(case.image, case.clicks)
+                grown.append(evaluate_case(prediction, case.labels, classes))
+        names = list(per_case[0])
+        scores = {n: mean_scores([s[n] for s in per_case]) for n in names}
+        if grown:
+            scores["growcut_mean"] = mean_scores([g["mean"] for g in grown])
+    return {"name": config["name"], "seed": settings.get("seed", 0), "settings": settings, "scores": scores,
+            "seconds": round(time.monotonic() - started, 1), "mode": args.mode}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("configs")
+    parser.add_argument("--out", default="runs/sweep")
+    parser.add_argument("--data", default="../shared/data/acdc")
+    parser.add_argument("--cache", default="runs/bench-data", help="where the prepared ACDC folders are kept")
+    parser.add_argument("--mode", choices=["cohort", "single"], default="cohort")
+    parser.add_argument("--single-cases", type=int, default=4)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per run")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds for every config")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config given as JSON
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(json.loads(args.one), args)))
+        return
+    from pscv.bench import prepare_data
+
+    prepare_data(Path(args.data), Path(args.cache), 0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    done = set()
+    if results_path.exists():
+        for line in results_path.read_text().splitlines():
+            row = json.loads(line)
+            done.add((row["name"], row["seed"]))
+    runs = []
+    for config in json.loads(Path(args.configs).read_text()):
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            if (config["name"], seed) not in done:
+                runs.append({**config, "settings": {**config["settings"], "seed": seed}})
+
+    def launch(config):
+        command = [sys.executable, __file__, args.configs, "--one", json.dumps(config), "--mode", args.mode,
+                   "--device", args.device, "--data", args.data, "--cache", args.cache,
+                   "--threads", str(args.threads), "--single-cases", str(args.single_cases)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        finished = subprocess.run(command, capture_output=True, text=True, env=env)
+        if finished.returncode:
+            print(f"FAILED {config['name']}: {finished.stderr[-2000:]}", flush=True)
+            return
+        row = json.loads(finished.stdout.strip().splitlines()[-1])
+        with open(results_path, "a") as file:
+            file.write(json.dumps(row) + "\n")
+        print(f"{row['name']:<28} seed {row['seed']}  mean Dice {row['scores']['mean']['dice']:.4f}  "
+              f"{row['seconds']:.0f} s", flush=True)
+
+    with ThreadPoolExecutor(args.workers) as pool:
+        list(pool.map(launch, runs))
+    print_table(results_path)
+
+
+def print_table(results_path: Path) -> None:
+    rows = [json.loads(line) for line in results_path.read_text().splitlines()]
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    print(f"\n{'config':<28}{'seeds':>6}{'mean Dice':>11}{'sd':>8}{'RV':>8}{'Myo':>8}{'LV':>8}{'HD95':>8}{'s':>7}")
+    for name in names:
+        group = [r for r in rows if r["name"] == name]
+        mean = [r["scores"]["mean"]["dice"] for r in group]
+        per = {k: np.mean([r["scores"][k]["dice"] for r in group]) for k in ("RV", "Myo", "LV")}
+        extra = ""
+        if "growcut_mean" in group[0]["scores"]:
+            extra = f"  growcut {np.mean([r['scores']['growcut_mean']['dice'] for r in group]):.4f}"
+        print(f"{name:<28}{len(group):>6}{np.mean(mean):>11.4f}{np.std(mean):>8.4f}{per['RV']:>8.4f}"
+              f"{per['Myo']:>8.4f}{per['LV']:>8.4f}{np.mean([r['scores']['mean']['hd95'] for r in group]):>8.2f}"
+              f"{np.mean([r['seconds'] for r in group]):>7.0f}{extra}")
+
+
+if __name__ == "__main__":
+    main()
