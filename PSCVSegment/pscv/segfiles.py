@@ -52,6 +52,21 @@ def _labelmap_dtype(classes: list[ClassInfo]):
     return np.uint8 if max(c.value for c in classes) <= 255 else np.uint16
 
 
+def _present_values(labelmap: np.ndarray) -> list:
+    """The distinct values of a label map (a bincount for small non-negative integers: much faster)."""
+    if labelmap.dtype.kind in "bu" or (labelmap.dtype.kind == "i" and labelmap.size and labelmap.min() >= 0):
+        if labelmap.size and int(labelmap.max()) < 65536:
+            return np.flatnonzero(np.bincount(labelmap.ravel().astype(np.intp, copy=False))).tolist()
+    return np.unique(labelmap).tolist()
+
+
+def _unknown_values_error(path, unknown: list, classes: list[ClassInfo]) -> PSCVError:
+    shown = ", ".join(f"{v:g}" for v in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
+    known = ", ".join(f"{c.value} {c.name}" for c in classes)
+    return PSCVError(f"{path}: the label map holds value(s) {shown} that are no class of classes.json ({known}); "
+                     "pass the classes.json that goes with this label map")
+
+
 def _checked_labelmap(labelmap: np.ndarray, volume: Volume, classes: list[ClassInfo], path) -> np.ndarray:
     """The label map as uint8/uint16 after checking its shape and that it holds only class values."""
     labelmap = np.asarray(labelmap)
@@ -61,12 +76,9 @@ def _checked_labelmap(labelmap: np.ndarray, volume: Volume, classes: list[ClassI
     if labelmap.dtype.kind not in "biu":
         if labelmap.dtype.kind != "f" or not np.all(np.isfinite(labelmap)) or np.any(labelmap != np.round(labelmap)):
             raise PSCVError(f"{path}: the label map must hold integer class values, got {labelmap.dtype}")
-    present = np.unique(labelmap)
-    unknown = sorted(set(present.tolist()) - {c.value for c in classes})
+    unknown = sorted(set(_present_values(labelmap)) - {c.value for c in classes})
     if unknown:
-        known = ", ".join(f"{c.value} {c.name}" for c in classes)
-        raise PSCVError(f"{path}: the label map holds value(s) {', '.join(str(int(v)) for v in unknown)} that "
-                        f"are no class of classes.json ({known}); pass the classes.json it was made with")
+        raise _unknown_values_error(path, unknown, classes)
     return labelmap.astype(_labelmap_dtype(classes), copy=False)
 
 
@@ -314,13 +326,9 @@ def _plain_labelmap(array: np.ndarray, classes: list[ClassInfo], path: Path) -> 
     if array.dtype.kind == "f" and (not np.all(np.isfinite(array)) or np.any(array != np.round(array))):
         raise PSCVError(f"{path}: a label map must hold integer class values, but this one holds fractions or "
                         "NaN (is it an image rather than a label map?)")
-    values = set(np.unique(array).tolist())
-    unknown = sorted(values - {c.value for c in classes})
+    unknown = sorted(set(_present_values(array)) - {c.value for c in classes})
     if unknown:
-        shown = ", ".join(str(int(v)) for v in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
-        known = ", ".join(f"{c.value} {c.name}" for c in classes)
-        raise PSCVError(f"{path}: the label map holds value(s) {shown} that are no class of classes.json "
-                        f"({known}); pass the classes.json that goes with this label map")
+        raise _unknown_values_error(path, unknown, classes)
     return array.astype(_labelmap_dtype(classes))
 
 
@@ -518,7 +526,7 @@ def write_dicom_seg(path: str | Path, labelmap: np.ndarray, volume: Volume, clas
     path = Path(path)
     labelmap = _checked_labelmap(labelmap, volume, classes, path)
     sources = reference_datasets(volume, reference_dicom_dir, series_uid)
-    present = set(np.unique(labelmap).tolist())
+    present = set(_present_values(labelmap))
     segments = [c for c in classes if c.value != 0 and c.value in present]
     if not segments:
         raise PSCVError(f"{path}: the segmentation is empty (background only); a DICOM-SEG needs a segment")
