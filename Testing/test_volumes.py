@@ -181,6 +181,23 @@ def test_folder_without_dicom_images_is_a_clear_error(tmp_path):
         read_image(seg_only)
 
 
+def test_enhanced_multiframe_ct_reads_like_its_single_frame_series(tmp_path):
+    """dcmqi's 23x38x3 case holds the same CT as three slices and as one enhanced multi-frame file."""
+    slices, multiframe = read_image(TINY_CT), read_image(TINY_CT.parent / "multiframe")
+    assert multiframe.shape == slices.shape == (3, 38, 23)
+    np.testing.assert_allclose(multiframe.origin, slices.origin, atol=1e-4)
+    np.testing.assert_allclose(multiframe.spacing, slices.spacing, atol=1e-6)
+    np.testing.assert_allclose(multiframe.direction, slices.direction, atol=1e-6)
+    np.testing.assert_array_equal(multiframe.array, slices.array)
+
+
+def test_one_dicom_slice_or_a_seg_file_is_not_an_image():
+    with pytest.raises(PSCVError, match="01.dcm: one DICOM slice; give the folder that holds the whole series"):
+        read_image(CT_3SLICE / "01.dcm")
+    with pytest.raises(PSCVError, match="liver.dcm: a DICOM SEG object, not an image"):
+        read_image(DATA / "dcmqi" / "liver.dcm")
+
+
 def test_uneven_slice_spacing_is_refused(tmp_path):
     folder = tmp_path / "series"
     shutil.copytree(TINY_CT, folder)

@@ -96,7 +96,8 @@ def read_series(series: Series):
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(series.files)
     try:
-        image = reader.Execute()
+        # One file is an enhanced multi-frame image (or a single slice): read it as a file, frames and all.
+        image = sitk.ReadImage(series.files[0]) if len(series.files) == 1 else reader.Execute()
     except RuntimeError as error:
         raise PSCVError(f"DICOM series {series.summary()}: could not be read "
                         f"({str(error).strip().splitlines()[-1]})") from None

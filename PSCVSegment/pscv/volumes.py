@@ -90,7 +90,21 @@ def read_image(path: str | Path, series_uid: str | None = None) -> Volume:
     if not path.exists():
         raise PSCVError(f"{path}: no such image file or DICOM folder")
     image = _read_file(path)
+    _check_dicom_file(image, path)
     return _volume_from_sitk(image, str(path))
+
+
+def _check_dicom_file(image, path: Path) -> None:
+    """A DICOM file given alone must be a whole image, not a segmentation or one slice of a series."""
+    from .dicom import NON_IMAGE_MODALITIES
+
+    if not image.HasMetaDataKey("0008|0060"):
+        return  # not DICOM
+    modality = image.GetMetaData("0008|0060").strip()
+    if modality.upper() in NON_IMAGE_MODALITIES:
+        raise PSCVError(f"{path}: a DICOM {modality} object, not an image; give the image it belongs to")
+    if image.GetDimension() == 3 and image.GetSize()[2] == 1:
+        raise PSCVError(f"{path}: one DICOM slice; give the folder that holds the whole series")
 
 
 def _read_file(path: Path):
