@@ -477,6 +477,7 @@ def test_job_settings():
     ({"event": "progress", "stage": "predict", "step": 3, "total": 3, "loss": None, "seconds_left": None,
       "device": "cpu"}, 1.0, "Segmenting 3/3 (cpu)"),
     ({"event": "progress", "stage": "load", "step": 0, "total": 0}, None, "Loading"),
+    ({"event": "queued"}, 0.0, "Queued on the server"),
     ({"event": "started"}, 0.0, "Started"),
     ({"event": "done", "outputs": {}}, 1.0, "Done"),
     ({"event": "error", "message": "CUDA out of memory"}, None, "Failed: CUDA out of memory"),
@@ -496,3 +497,35 @@ def test_format_duration():
     ("2.4.4", "highdicom<0.23"), ("3.0.1", "highdicom"), (None, "highdicom"), ("weird", "highdicom")])
 def test_highdicom_requirement(version, requirement):
     assert viewer.highdicom_requirement(version) == requirement
+
+
+def test_prepared_inputs_run_as_a_local_job(tmp_path):
+    """The path the Logic drives, minus Slicer: write_job_inputs -> JobClient.submit (a `pscv worker`
+    process) -> result .seg.nrrd on the image's grid with the table's classes. Tiny and short: it checks the
+    plumbing, not the segmentation quality."""
+    pytest.importorskip("torch")
+    import sys
+
+    from pscv.client import JobClient
+    from pscv.segfiles import read_segmentation, segmentation_classes
+
+    k, j, i = np.mgrid[0:4, 0:20, 0:20]
+    labels = np.zeros(k.shape, np.uint8)
+    labels[:, 3:9, 3:9], labels[:, 11:18, 10:18] = 1, 2
+    array = (np.random.default_rng(0).normal(0, 5, k.shape) + np.choose(labels, [0, 100, 200])).astype(np.int16)
+    ijk_to_ras = geometry.ijk_to_ras_matrix((1.0, 1.0, 3.0), (5.0, -7.0, 2.0), np.diag([1.0, -1.0, 1.0]))
+    clicks = {"background": [[s, 1, 1] for s in range(4)], "liver": [[s, 5, 5] for s in range(4)],
+              "kidney": [[s, 14, 14] for s in range(4)]}
+    point_lists = [viewer.PointList(name, geometry.kji_to_world(kji, ijk_to_ras)) for name, kji in clicks.items()]
+    classes = viewer.classes_from_names(list(clicks))
+    inputs = viewer.write_job_inputs(tmp_path / "inputs", array, ijk_to_ras, classes, point_lists)
+    client = JobClient(python=sys.executable, jobs_dir=tmp_path / "jobs")
+    job = client.submit("segment", settings=viewer.job_settings("cpu", 10, image_size=32, batch_size=2), **inputs)
+    events = list(job.events(timeout=300))
+    assert job.state == "done", job.message
+    assert any(e["event"] == "progress" and viewer.describe_event(e)[0] is not None for e in events)
+    result = job.download("segmentation", tmp_path / "result.seg.nrrd")
+    assert [c.name for c in segmentation_classes(result)][-2:] == ["liver", "kidney"]
+    labelmap = read_segmentation(result, classes, read_image(inputs["image"]))
+    assert labelmap.shape == array.shape
+    assert any(job.download("model", tmp_path / "model").iterdir())

@@ -158,6 +158,8 @@ def describe_event(event: dict) -> tuple[float | None, str]:
         if event.get("device"):
             text += f" ({event['device']})"
         return fraction, text
+    if kind == "queued":
+        return 0.0, "Queued on the server"
     if kind == "started":
         return 0.0, "Started"
     if kind == "done":
