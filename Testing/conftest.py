@@ -1,0 +1,49 @@
+"""Shared test helpers: tiny job inputs (a small two-class volume, its clicks and classes) and settings
+that train in a fraction of a second, so tests that start real worker processes stay fast."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pscv.classes import ClassInfo, write_classes
+from pscv.clicks import simulate_clicks, write_markups
+from pscv.volumes import Volume, write_image
+
+TINY_CLASSES = [ClassInfo("background", 0, (0, 0, 0)), ClassInfo("organ", 1, (230, 159, 0))]
+# A two-level U-Net of 4 and 8 channels on 32x32 slices: each iteration takes milliseconds on a CPU.
+TINY_SETTINGS = {"device": "cpu", "iterations": 2, "image_size": 32, "batch_size": 2, "widths": [4, 8],
+                 "dropout": [0.0, 0.0], "augment": "none"}
+
+
+def write_tiny_case(folder, slices: int = 3, size: int = 32) -> dict:
+    """Write image.nrrd, points.mrk.json and classes.json of a tiny volume (a bright box on a dark background,
+    one click per class per slice) into `folder`; returns {"image", "points", "classes"} paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = np.zeros((slices, size, size), dtype=np.uint8)
+    labels[:, size // 4:size * 5 // 8, size // 3:size * 3 // 4] = 1
+    noise = np.random.default_rng(0).normal(0, 30, labels.shape)
+    volume = Volume((labels.astype(np.float32) * 800 + noise).astype(np.float32), spacing=(1.0, 1.0, 3.0))
+    paths = {"image": folder / "image.nrrd", "points": [folder / "points.mrk.json"], "classes": folder / "classes.json"}
+    write_image(volume, paths["image"])
+    write_classes(TINY_CLASSES, paths["classes"])
+    write_markups(simulate_clicks(labels, seed=0, slice_axis=0), volume, TINY_CLASSES, paths["points"][0])
+    return paths
+
+
+def write_tiny_job(folder, kind: str = "segment", **settings) -> Path:
+    """A job folder running `kind` on the tiny case with TINY_SETTINGS (updated by `settings`)."""
+    folder = Path(folder)
+    write_tiny_case(folder)
+    document = {"version": 1, "kind": kind,
+                "inputs": {"image": "image.nrrd", "points": ["points.mrk.json"], "classes": "classes.json"},
+                "settings": {**TINY_SETTINGS, **settings}}
+    (folder / "job.json").write_text(json.dumps(document))
+    return folder
+
+
+@pytest.fixture
+def tiny_case(tmp_path) -> dict:
+    return write_tiny_case(tmp_path / "case")
