@@ -1080,6 +1080,18 @@ class PSCVSegmentTest(ScriptedLoadableModuleTest):
         for node, kji in zip(nodes, expected.values()):
             np.testing.assert_array_equal(logic.pointsToVoxels(volumeNode, node), kji)
 
+        # The same voxels the script repository's way, with Slicer's own transform classes only.
+        worldToVolume = vtk.vtkGeneralTransform()
+        slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(None, volumeNode.GetParentTransformNode(), worldToVolume)
+        rasToIjk = vtk.vtkMatrix4x4()
+        volumeNode.GetRASToIJKMatrix(rasToIjk)
+        for node, kji in zip(nodes, expected.values()):
+            for index, voxel in enumerate(kji):
+                world = [0.0, 0.0, 0.0]
+                node.GetNthControlPointPositionWorld(index, world)
+                ijk = rasToIjk.MultiplyPoint(list(worldToVolume.TransformPoint(world)) + [1.0])
+                self.assertEqual([int(round(c)) for c in ijk[:3]][::-1], voxel)
+
         directory = slicer.util.tempDirectory("PSCVSegmentTest-")
         inputs = logic.prepareJob(directory, volumeNode, nodes)
         volume = read_image(inputs["image"])
