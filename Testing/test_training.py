@@ -68,6 +68,16 @@ def test_tiny_end_to_end_train_and_predict(method):
     assert np.allclose(probabilities.sum(axis=0), 1, atol=1e-4)
 
 
+def test_affinity_and_pseudo_label_terms_train_and_report():
+    volume, labels = two_organ_volume()
+    case = TrainingCase(volume, simulate_clicks(labels, seed=0))
+    settings = TrainSettings(method="pscv", iterations=40, learning_rate=0.05, affinity_weight=1.0, pseudo_weight=1.0,
+                             pseudo_start=0.5, pseudo_threshold=0.5, cv_map="probability", cv_pool=4, **TINY)
+    history = train([case], CLASSES, settings).metadata["history"]
+    assert {"pce", "cv", "affinity"} <= set(history[0]) and "pseudo" not in history[0]
+    assert "pseudo" in history[-1] and history[-1]["pseudo"] > 0
+
+
 def test_same_seed_same_model():
     volume, labels = two_organ_volume(slices=4, size=32)
     case = TrainingCase(volume, simulate_clicks(labels, seed=0))

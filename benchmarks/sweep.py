@@ -28,18 +28,18 @@ def run_one(config: dict, args) -> dict:
     """Train and evaluate one configuration in this process."""
     import torch
 
-    from pscv.bench import evaluate_model, grow_from_seeds, load_cases, prepare_data
+    from pscv.bench import evaluate_model, grow_from_seeds, load_cases
+    from pscv.classes import ACDC_CLASSES as classes
     from pscv.metrics import evaluate_case, mean_scores
     from pscv.segment import case_settings
     from pscv.training import TrainingCase, TrainSettings, train
 
     torch.set_num_threads(args.threads)
-    folders = prepare_data(Path(args.data), Path(args.cache), 0)
-    classes, val_cases = load_cases(folders["val"])
+    val_cases = load_cases(Path(args.data), "val", 0)
     settings = {"device": args.device, **config["settings"]}
     started = time.monotonic()
     if args.mode == "cohort":
-        _, train_cases = load_cases(folders["train"])
+        train_cases = load_cases(Path(args.data), "train", 0)
         model = train(train_cases, classes, TrainSettings.from_dict(settings))
         result = evaluate_model(model, val_cases, classes, args.device)
         scores = result["scores"]
@@ -66,21 +66,20 @@ def main():
     parser.add_argument("configs")
     parser.add_argument("--out", default="runs/sweep")
     parser.add_argument("--data", default="../shared/data/acdc")
-    parser.add_argument("--cache", default="runs/bench-data", help="where the prepared ACDC folders are kept")
     parser.add_argument("--mode", choices=["cohort", "single"], default="cohort")
     parser.add_argument("--single-cases", type=int, default=4)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per run")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds for every config")
+    parser.add_argument("--deadline", type=float, help="seconds after which no new run starts")
+    parser.add_argument("--base", default="{}", help="JSON settings under every config's own")
+    parser.add_argument("--force", default="{}", help="JSON settings over every config's own (for dry runs)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config given as JSON
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(json.loads(args.one), args)))
         return
-    from pscv.bench import prepare_data
-
-    prepare_data(Path(args.data), Path(args.cache), 0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
@@ -93,11 +92,17 @@ def main():
     for config in json.loads(Path(args.configs).read_text()):
         for seed in [int(s) for s in args.seeds.split(",")]:
             if (config["name"], seed) not in done:
-                runs.append({**config, "settings": {**config["settings"], "seed": seed}})
+                settings = {**json.loads(args.base), **config["settings"], **json.loads(args.force), "seed": seed}
+                runs.append({**config, "settings": settings})
+
+    started = time.monotonic()
 
     def launch(config):
+        if args.deadline and time.monotonic() - started > args.deadline:
+            print(f"SKIPPED {config['name']} seed {config['settings']['seed']}: past the deadline", flush=True)
+            return
         command = [sys.executable, __file__, args.configs, "--one", json.dumps(config), "--mode", args.mode,
-                   "--device", args.device, "--data", args.data, "--cache", args.cache,
+                   "--device", args.device, "--data", args.data,
                    "--threads", str(args.threads), "--single-cases", str(args.single_cases)]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         finished = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -112,7 +117,8 @@ def main():
 
     with ThreadPoolExecutor(args.workers) as pool:
         list(pool.map(launch, runs))
-    print_table(results_path)
+    if results_path.exists():
+        print_table(results_path)
 
 
 def print_table(results_path: Path) -> None:

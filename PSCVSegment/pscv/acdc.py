@@ -50,21 +50,26 @@ def acdc_volumes(data: str | Path, split: str) -> list[Path]:
     return volumes
 
 
+def load_acdc_split(data: str | Path, split: str, seed: int = 0):
+    """Yield (case name, Volume, simulated Clicks, dense labels) for every volume of a split, in order."""
+    for path in acdc_volumes(data, split):
+        image, label = read_acdc_volume(path)
+        volume = Volume(image)
+        clicks = simulate_clicks(label, case_seed(seed, path.stem), slice_axis=volume.slice_axis())
+        yield path.stem, volume, clicks, label
+
+
 def prepare_acdc(data: str | Path, split: str, out: str | Path, seed: int = 0, progress=None) -> list[str]:
     """Write images/, labels/, points/ and classes.json for one split; returns the case names."""
     out = Path(out)
-    volumes = acdc_volumes(data, split)
+    total = len(acdc_volumes(data, split))
     write_classes(ACDC_CLASSES, out / "classes.json")
     names = []
-    for number, path in enumerate(volumes):
-        name = path.stem
-        image, label = read_acdc_volume(path)
-        volume = Volume(image)
+    for number, (name, volume, clicks, label) in enumerate(load_acdc_split(data, split, seed)):
         write_image(volume, out / "images" / f"{name}.nrrd")
         write_image(volume.with_array(label), out / "labels" / f"{name}.nrrd")
-        clicks = simulate_clicks(label, case_seed(seed, name), slice_axis=volume.slice_axis())
         write_markups(clicks, volume, ACDC_CLASSES, out / "points" / f"{name}.mrk.json")
         names.append(name)
         if progress:
-            progress({"event": "progress", "stage": "prepare", "step": number + 1, "total": len(volumes)})
+            progress({"event": "progress", "stage": "prepare", "step": number + 1, "total": total})
     return names

@@ -1,11 +1,12 @@
 """`pscv bench acdc`: the methods side by side on the paper's own data set.
 
-Every method trains with the same simulated clicks and seed on the ACDC train patients and is evaluated
-on the val patients (Dice and HD95 per class on the native grid; ACDC stores no spacing, so HD95 is in
-voxels). Then the single-case mode (train on one volume's own clicks, every slice clicked) runs on some
-val volumes beside 3D Slicer's Grow from seeds (FastGrowCut, PyPI `itk-growcut`) given the very same
-clicks. Results: `results.md` (tables), `results.json`, `figure.png`; each method's scores are kept in
-`methods/<method>.json` so methods can run in separate processes and be reported together.
+Every method trains with the same simulated clicks (those `pscv prepare-acdc` writes) and seed on the
+ACDC train patients and is evaluated on the val patients (Dice and HD95 per class on the native grid;
+ACDC stores no spacing, so HD95 is in voxels). Then the single-case mode (train on one volume's own
+clicks, every slice clicked) runs on some val volumes beside 3D Slicer's Grow from seeds (FastGrowCut,
+PyPI `itk-growcut`) given the very same clicks. Results: `results.md` (tables), `results.json`,
+`figure.png`; each method's scores are kept in `methods/<method>.json` so methods can run in separate
+processes and be reported together.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 
 from . import PSCVError, __version__
 from .atomic import write_text_atomic
+from .classes import ACDC_CLASSES
 
 PROFILES = {
     # 2 CPU cores, well inside 45 minutes for everything.
@@ -38,36 +40,13 @@ def machine_description(device) -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (torch {torch.__version__})"
 
 
-def prepare_data(data: Path, out: Path, seed: int, progress=None) -> dict[str, Path]:
-    """The train and val dataset folders with simulated clicks, written once per seed."""
-    from .acdc import prepare_acdc
-
-    folders = {}
-    for split in ("train", "val"):
-        folder = out / "data" / f"{split}-seed{seed}"
-        stamp = folder / "prepared.json"
-        if not stamp.is_file():
-            names = prepare_acdc(data, split, folder, seed, progress)
-            write_text_atomic(stamp, json.dumps({"cases": names, "seed": seed, "engine": __version__}) + "\n")
-        folders[split] = folder
-    return folders
-
-
-def load_cases(folder: Path):
-    """(classes, cases with clicks and dense labels) of a prepared ACDC folder."""
-    from .clicks import read_clicks
-    from .dataset import read_dataset
-    from .segfiles import read_segmentation
+def load_cases(data: Path, split: str, seed: int):
+    """The cases of one split, in memory, with the clicks `pscv prepare-acdc` writes for the same seed."""
+    from .acdc import load_acdc_split
     from .training import TrainingCase
-    from .volumes import read_image
 
-    classes, entries = read_dataset(folder)
-    cases = []
-    for entry in entries:
-        volume = read_image(entry.image)
-        cases.append(TrainingCase(volume, read_clicks([entry.points], volume, classes),
-                                  read_segmentation(entry.labels, classes, volume), entry.name))
-    return classes, cases
+    return [TrainingCase(volume, clicks, labels, name) for name, volume, clicks, labels in
+            load_acdc_split(data, split, seed)]
 
 
 def evaluate_model(model, cases, classes, device) -> dict:
@@ -121,25 +100,33 @@ def grow_from_seeds(volume, clicks) -> np.ndarray:
 
 
 def run_single_case(cases, classes, device, count, progress=None) -> dict:
-    """The single-case mode (default budget) and Grow from seeds on the first `count` val volumes."""
+    """The single-case mode (default budget) and Grow from seeds on the first `count` val volumes.
+
+    Grow from seeds is left out, and said so, where `itk-growcut` is not installed.
+    """
+    import importlib.util
+
     from .metrics import evaluate_case, mean_scores
     from .segment import case_settings, segment_case
 
+    growcut = importlib.util.find_spec("itk") is not None
+    if not growcut:
+        print("bench: itk-growcut is not installed: Grow from seeds not measured (pip install itk-growcut)")
     rows = []
     for case in cases[:count]:
+        spacing = case.image.spacing[::-1]
         started = time.monotonic()
         labelmap, _ = segment_case(case.image, case.clicks, classes, case_settings(device), progress)
-        pscv_seconds = time.monotonic() - started
-        started = time.monotonic()
-        grown = grow_from_seeds(case.image, case.clicks)
-        grow_seconds = time.monotonic() - started
-        spacing = case.image.spacing[::-1]
-        rows.append({"case": case.name, "clicks": len(case.clicks),
-                     "pscv": evaluate_case(labelmap, case.labels, classes, spacing), "pscv_seconds": pscv_seconds,
-                     "grow_from_seeds": evaluate_case(grown, case.labels, classes, spacing),
-                     "grow_from_seeds_seconds": grow_seconds})
+        row = {"case": case.name, "clicks": len(case.clicks), "pscv_seconds": time.monotonic() - started,
+               "pscv": evaluate_case(labelmap, case.labels, classes, spacing)}
+        if growcut:
+            started = time.monotonic()
+            grown = grow_from_seeds(case.image, case.clicks)
+            row["grow_from_seeds_seconds"] = time.monotonic() - started
+            row["grow_from_seeds"] = evaluate_case(grown, case.labels, classes, spacing)
+        rows.append(row)
     summary = {}
-    for method in ("pscv", "grow_from_seeds"):
+    for method in ("pscv", "grow_from_seeds") if growcut else ("pscv",):
         summary[method] = {"mean": mean_scores([r[method]["mean"] for r in rows]),
                            "seconds": float(np.mean([r[f"{method}_seconds"] for r in rows]))}
     return {"settings": case_settings(device).to_dict(), "cases": rows, "summary": summary}
@@ -170,13 +157,15 @@ def markdown_report(results: dict, single: dict | None, header: dict) -> str:
                   "| case | clicks | pscv Dice | pscv s | Grow from seeds Dice | Grow from seeds s |",
                   "|---|---|---|---|---|---|"]
         for row in single["cases"]:
+            growcut = row.get("grow_from_seeds")
             lines.append(f"| {row['case']} | {row['clicks']} | {row['pscv']['mean']['dice']:.4f} | "
-                         f"{row['pscv_seconds']:.1f} | {row['grow_from_seeds']['mean']['dice']:.4f} | "
-                         f"{row['grow_from_seeds_seconds']:.1f} |")
+                         f"{row['pscv_seconds']:.1f} | " + (f"{growcut['mean']['dice']:.4f} | "
+                         f"{row['grow_from_seeds_seconds']:.1f} |" if growcut else "not measured | |"))
         summary = single["summary"]
+        growcut = summary.get("grow_from_seeds")
         lines.append(f"| **mean** | | **{summary['pscv']['mean']['dice']:.4f}** | {summary['pscv']['seconds']:.1f} | "
-                     f"**{summary['grow_from_seeds']['mean']['dice']:.4f}** | "
-                     f"{summary['grow_from_seeds']['seconds']:.1f} |")
+                     + (f"**{growcut['mean']['dice']:.4f}** | {growcut['seconds']:.1f} |" if growcut
+                        else "not measured | |"))
     return "\n".join(lines) + "\n"
 
 
@@ -247,9 +236,8 @@ def run_acdc_benchmark(data, out, profile="quick", methods=("pce", "ms", "pscv",
     settings = {**profile_settings, "device": device, "seed": seed, **(overrides or {})}
     if iterations:
         settings["iterations"] = iterations
-    folders = prepare_data(data, out, seed, progress)
-    classes, train_cases = load_cases(folders["train"])
-    _, val_cases = load_cases(folders["val"])
+    classes = ACDC_CLASSES
+    train_cases, val_cases = load_cases(data, "train", seed), load_cases(data, "val", seed)
     for method in methods:
         print(f"bench: training {method} ({settings['iterations']} iterations)", flush=True)
         run_method(method, train_cases, val_cases, classes, settings, out, progress)

@@ -134,6 +134,9 @@ def _add_segment(subparsers):
     parser.add_argument("--out", required=True, help="the segmentation: .seg.nrrd (3D Slicer), .nrrd or .nii.gz")
     parser.add_argument("--save-model", metavar="DIR", help="also save the trained model in this folder")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--server", metavar="URL", help="run the job on a `pscv serve` service (e.g. "
+                        "http://gpu-box:8000) instead of on this machine; --device then names the server's device")
+    parser.add_argument("--token", help="the service's token (default: the PSCV_TOKEN environment variable)")
     _add_training_options(parser)
     parser.set_defaults(run=_run_segment)
 
@@ -146,6 +149,8 @@ def _run_segment(args):
     classes = read_classes(args.classes)
     volume = read_image(args.image)
     clicks = read_clicks(args.points, volume, classes)
+    if args.server:  # the inputs are checked here, the job runs there
+        return _run_segment_on_server(args, volume, classes)
     from .models import save_model
     from .segfiles import write_segmentation
     from .segment import case_settings, segment_case
@@ -159,6 +164,38 @@ def _run_segment(args):
         save_model(model, args.save_model)
     print(f"wrote {args.out} ({len(clicks)} clicks, {settings.iterations} iterations on "
           f"{model.metadata['training']['device']}, {time.monotonic() - started:.1f} s)")
+
+
+def _run_segment_on_server(args, volume, classes):
+    """`pscv segment --server URL`: the same job on a `pscv serve` service, with the same output."""
+    import tempfile
+
+    from .client import JobClient
+    from .segfiles import read_segmentation, write_segmentation
+
+    started = time.monotonic()
+    job = JobClient(args.server, token=args.token).submit(
+        "segment", image=args.image, points=args.points, classes=args.classes, settings=_settings_overrides(args))
+    progress = ConsoleProgress(quiet=args.quiet)
+    try:
+        for event in job.events():
+            if event["event"] in ("queued", "warning") and not args.quiet:
+                print(f"pscv segment: {event['event']}: {event['message']}", file=sys.stderr)
+            progress(event)
+    except KeyboardInterrupt:
+        job.cancel()
+        raise
+    if job.state != "done":
+        raise PSCVError(f"{args.server}: job {job.id} {job.state}: {job.message}")
+    if args.out.lower().endswith(".seg.nrrd"):
+        job.download("segmentation", args.out)
+    else:  # the service writes .seg.nrrd; another format is converted here
+        with tempfile.TemporaryDirectory(prefix="pscv-") as staging:
+            downloaded = job.download("segmentation", Path(staging) / "result.seg.nrrd")
+            write_segmentation(args.out, read_segmentation(downloaded, classes, volume), volume, classes)
+    if args.save_model:
+        job.download("model", args.save_model)
+    print(f"wrote {args.out} (job {job.id} on {args.server}, {job.device}, {time.monotonic() - started:.1f} s)")
 
 
 def _add_train(subparsers):
@@ -324,7 +361,9 @@ def _add_bench(subparsers):
                         "tens of thousands of iterations, for a GPU")
     parser.add_argument("--data", default="../shared/data/acdc", help="the ACDC folder (volumes/, *_patients.txt)")
     parser.add_argument("--out", default="runs/bench-acdc", help="folder for the results")
-    parser.add_argument("--methods", default="pce,ms,pscv,full", help="comma-separated methods to train")
+    parser.add_argument("--methods", default="pce,ms,pscv,full",
+                        help="comma-separated methods to train, or none (only the single-case comparison and the "
+                        "report of what --out already holds)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--iterations", type=int, help="override the profile's iterations")
@@ -343,10 +382,10 @@ def _run_bench(args):
         if not separator:
             raise PSCVError(f"--set {item!r}: expected KEY=VALUE")
         overrides[key.strip()] = _parse_value(value.strip())
-    run_acdc_benchmark(args.data, args.out, profile=args.profile, methods=args.methods.split(","),
-                       device=args.device, seed=args.seed, iterations=args.iterations,
-                       single_case_volumes=args.single_case_volumes, overrides=overrides,
-                       progress=ConsoleProgress())
+    methods = [] if args.methods == "none" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    run_acdc_benchmark(args.data, args.out, profile=args.profile, methods=methods, device=args.device, seed=args.seed,
+                       iterations=args.iterations, single_case_volumes=args.single_case_volumes,
+                       overrides=overrides, progress=ConsoleProgress(), command="pscv " + " ".join(sys.argv[1:]))
 
 
 def _add_export(subparsers):

@@ -268,6 +268,7 @@ def train(cases: list[TrainingCase], classes: list[ClassInfo], settings: TrainSe
     use_cuda = device.type == "cuda"
     if use_cuda:
         network = network.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
     optimizer = torch.optim.SGD(network.parameters(), lr=settings.learning_rate, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
     teacher = None
