@@ -209,6 +209,23 @@ def test_twenty_jobs_submitted_at_once_all_finish_and_download_intact(service, c
     print(f"20 jobs in {seconds:.1f} s")
 
 
+def test_pscv_segment_with_server_runs_there_and_writes_here(service, tiny_case, tmp_path):
+    out = tmp_path / "out.nii.gz"  # the service writes .seg.nrrd: converted on this side
+    command = [sys.executable, "-m", "pscv", "segment", str(tiny_case["image"]), "--points",
+               str(tiny_case["points"][0]), "--classes", str(tiny_case["classes"]), "--out", str(out),
+               "--save-model", str(tmp_path / "model"), "--server", service.url, "--device", "cpu",
+               "--iterations", "2", "--image-size", "32", "--batch-size", "2", "--set", "widths=[4,8]",
+               "--set", "dropout=[0,0]"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PSCV_TOKEN": TOKEN})
+    assert result.returncode == 0, result.stderr
+    assert f"on {service.url}, cpu" in result.stdout
+    assert read_segmentation(out, load_model(tmp_path / "model").classes).shape == (3, 32, 32)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PSCV_TOKEN": "wrong"})
+    assert result.returncode == 2 and "needs its token" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_a_remote_job_is_cancelled_within_2_seconds(service, client, tiny_case):
     job = client.submit("segment", **tiny_case, settings={**TINY_SETTINGS, "iterations": 1_000_000})
     for event in job.events(timeout=60):

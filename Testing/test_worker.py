@@ -111,7 +111,8 @@ def test_a_running_job_stops_within_2_seconds_and_leaves_no_result(tmp_path, how
 def test_sigterm_while_the_worker_starts_up_also_stops_it(tmp_path):
     folder = write_tiny_job(tmp_path / "job", **LONG)
     process = start_worker(folder)
-    time.sleep(0.3)  # importing torch
+    while not (folder / "worker.pid").exists():  # its signal handlers are in place; torch is not loaded yet
+        time.sleep(0.01)
     asked = time.monotonic()
     process.send_signal(signal.SIGTERM)
     events = read_events(process)

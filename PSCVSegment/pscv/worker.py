@@ -115,6 +115,7 @@ class Worker:
         if not self.folder.is_dir():
             self.events({"event": "error", "message": f"{self.folder}: no such job folder"})
             return EXIT_ERROR
+        self._install_signal_handlers()  # before worker.pid: a client that sees the pid may signal at once
         try:
             self.event_log = open(self.folder / jobs.EVENTS_FILE, "a", encoding="utf-8")
             write_text_atomic(self.folder / jobs.PID_FILE, f"{os.getpid()}\n")
@@ -122,7 +123,6 @@ class Worker:
             self.events({"event": "error", "message": f"{self.folder}: cannot write to the job folder ({error}); "
                                                       "check its permissions and free disk space"})
             return EXIT_ERROR
-        self._install_signal_handlers()
         threading.Thread(target=self._watch, name="pscv-worker-watchdog", daemon=True).start()
         show_warning, warnings.showwarning = warnings.showwarning, self._show_warning
         try:
