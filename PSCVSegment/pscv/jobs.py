@@ -23,6 +23,7 @@ import re
 import shutil
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -398,8 +399,11 @@ def extract_zip(source, destination, max_bytes: int, what: str = "zip file") -> 
                 raise PSCVError(f"{what}: refusing the member {info.filename!r} (absolute, '..', drive or link)")
             target = destination.joinpath(*parts)
             target.parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(info) as stream, open(target, "wb") as out:
-                shutil.copyfileobj(stream, out, 2**20)
+            try:
+                with archive.open(info) as stream, open(target, "wb") as out:
+                    shutil.copyfileobj(stream, out, 2**20)
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as error:
+                raise PSCVError(f"{what}: damaged or unsupported member {info.filename!r} ({error})") from None
     entries = list(destination.iterdir())
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else destination
 

@@ -124,7 +124,11 @@ class Service:
             with self.lock:
                 if not (folder / jobs.JOB_FILE).is_file() or jobs.read_state(folder)["state"] != "queued":
                     continue  # cancelled or deleted while it waited
-                job = LocalJob(folder, self.python, env)
+                try:
+                    job = LocalJob(folder, self.python, env)
+                except PSCVError as error:  # the worker could not start: this job fails, the queue goes on
+                    self._end_job(folder, "error", str(error))
+                    continue
                 self.running[job_id] = job
             job.wait()
             with self.lock:
