@@ -204,17 +204,18 @@ def test_train_predict_and_finetune_jobs(tmp_path, one_thread):
     outputs, events = run_in_process(folder)
     assert outputs == {"segmentation": "result.seg.nrrd"} and (folder / "result.seg.nrrd").is_file()
     assert [e["stage"] for e in events][-2:] == ["predict", "write"]
-    # finetune: needs pscv.training.train(initial=...); until then it is a clear error
+    # finetune: starts from the model's weights (a vanishing learning rate leaves them where they were)
     folder = tmp_path / "finetune"
     inputs = jobs.stage_inputs(folder, image=case["image"], points=case["points"],
                                model=tmp_path / "train" / "result-model")
-    jobs.write_job(folder, "finetune", inputs, {"device": "cpu", "iterations": 2})
-    try:
-        outputs, _ = run_in_process(folder)
-    except PSCVError as error:
-        assert "fine-tuning is not available" in str(error)
-    else:
-        assert outputs == {"segmentation": "result.seg.nrrd", "model": "result-model"}
+    jobs.write_job(folder, "finetune", inputs, {"device": "cpu", "iterations": 2, "learning_rate": 1e-12})
+    outputs, _ = run_in_process(folder)
+    assert outputs == {"segmentation": "result.seg.nrrd", "model": "result-model"}
+    from pscv.models import load_model
+
+    before = load_model(tmp_path / "train" / "result-model").network.head.weight
+    after = load_model(folder / "result-model").network.head.weight
+    assert torch.allclose(before, after, atol=1e-6)
 
 
 def test_a_predict_job_refuses_training_settings(tmp_path):

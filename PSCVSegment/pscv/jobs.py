@@ -553,8 +553,6 @@ def _train(job, events, should_stop, cases, classes, make_settings, initial=None
     from .training import train
 
     def work(settings):
-        if initial is None:
-            return train(cases, classes, settings, events, should_stop)
         return train(cases, classes, settings, events, should_stop, initial=initial)
 
     return with_memory_fallback(events, make_settings, work, job.settings.get("device", "auto"))
@@ -633,14 +631,10 @@ def _run_predict(job: Job, events: Events, should_stop) -> None:
 
 def _run_finetune(job: Job, events: Events, should_stop) -> None:
     """Train further, from the model's weights, on this case's clicks; then segment the case."""
-    import inspect
     from dataclasses import fields
 
-    from .training import TrainingCase, TrainSettings, train
+    from .training import TrainingCase, TrainSettings
 
-    if "initial" not in inspect.signature(train).parameters:
-        raise PSCVError("fine-tuning is not available in this version of pscv (pscv.training.train cannot start "
-                        "from a model's weights yet); use a segment job, or update pscv")
     model = _load_job_model(job)
     known = {f.name for f in fields(TrainSettings)}
     base = {k: v for k, v in (model.metadata.get("settings") or {}).items() if k in known}

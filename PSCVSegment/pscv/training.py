@@ -250,8 +250,10 @@ def poly_learning_rate(settings: TrainSettings, step: int) -> float:
 
 
 def train(cases: list[TrainingCase], classes: list[ClassInfo], settings: TrainSettings | None = None,
-          progress=None, should_stop=None) -> Model:
+          progress=None, should_stop=None, initial: Model | None = None) -> Model:
     """Train a U-Net on the cases' clicks (or labels for `full`); returns the model with its metadata.
+
+    `initial`: start from this model's weights (fine-tuning); its network shape must match the settings.
 
     The loss history is in `model.metadata["history"]` (step, loss terms) for curves.
     """
@@ -264,7 +266,13 @@ def train(cases: list[TrainingCase], classes: list[ClassInfo], settings: TrainSe
     data = build_training_tensors(cases, classes, settings, device)
     network_shape = {"num_classes": len(classes), "in_channels": 1, "widths": list(settings.widths),
                      "dropout": list(settings.dropout), "image_size": settings.image_size, "architecture": "unet2d"}
-    network = build_network(network_shape).to(device)
+    network = build_network(network_shape)
+    if initial is not None:
+        if initial.metadata["network"] != network_shape:
+            raise PSCVError(f"cannot fine-tune: the model's network {initial.metadata['network']} differs from "
+                            f"the one these settings make {network_shape}")
+        network.load_state_dict(initial.network.state_dict())
+    network = network.to(device)
     use_cuda = device.type == "cuda"
     if use_cuda:
         network = network.to(memory_format=torch.channels_last)
