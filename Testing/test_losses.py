@@ -26,6 +26,15 @@ def test_partial_cross_entropy_uses_only_clicked_pixels():
     assert partial_cross_entropy(logits, target).item() == pytest.approx(math.log(2))
 
 
+def test_partial_cross_entropy_weighs_every_clicked_class_the_same():
+    logits = torch.zeros(1, 2, 4, 4)
+    logits[0, 1] = 2.0  # class 1 favoured everywhere
+    target = torch.zeros(1, 4, 4, dtype=torch.long)  # 15 background clicks...
+    target[0, 3, 3] = 1  # ...and one click of class 1
+    background, organ = (-torch.log_softmax(torch.tensor([0.0, 2.0]), 0)).tolist()
+    assert partial_cross_entropy(logits, target).item() == pytest.approx((background + organ) / 2, rel=1e-5)
+
+
 def test_partial_cross_entropy_without_clicks_is_zero_with_a_gradient():
     logits = torch.randn(2, 3, 4, 4, requires_grad=True)
     loss = partial_cross_entropy(logits, torch.full((2, 4, 4), IGNORE))

@@ -31,8 +31,8 @@ def run_one(config: dict, args) -> dict:
     from pscv.bench import evaluate_model, grow_from_seeds, load_cases
     from pscv.classes import ACDC_CLASSES as classes
     from pscv.metrics import evaluate_case, mean_scores
-    from pscv.segment import case_settings
-    from pscv.training import TrainingCase, TrainSettings, train
+    from pscv.segment import case_settings, segment_case
+    from pscv.training import TrainSettings, train
 
     torch.set_num_threads(args.threads)
     val_cases = load_cases(Path(args.data), "val", 0)
@@ -46,13 +46,11 @@ def run_one(config: dict, args) -> dict:
     else:
         per_case, grown = [], []
         for case in val_cases[: args.single_cases]:
-            model = train([TrainingCase(case.image, case.clicks, name=case.name)], classes,
-                          case_settings(**settings))
-            result = evaluate_model(model, [case], classes, args.device)
-            per_case.append(result["scores"])
+            labelmap, _ = segment_case(case.image, case.clicks, classes, case_settings(**settings),
+                                       roi_margin=config.get("roi_margin"))
+            per_case.append(evaluate_case(labelmap, case.labels, classes))
             if config.get("growcut"):
-                prediction = grow_from_seeds(case.image, case.clicks)
-                grown.append(evaluate_case(prediction, case.labels, classes))
+                grown.append(evaluate_case(grow_from_seeds(case.image, case.clicks), case.labels, classes))
         names = list(per_case[0])
         scores = {n: mean_scores([s[n] for s in per_case]) for n in names}
         if grown:

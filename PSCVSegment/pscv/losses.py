@@ -14,12 +14,19 @@ EPS = 1e-6
 
 
 def partial_cross_entropy(logits: torch.Tensor, sparse_target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the clicked pixels only (0 when the batch holds no click)."""
+    """Cross-entropy over the clicked pixels only, each clicked class weighing the same (the mean over classes
+    of the mean over that class's clicks), so that many clicks of one class do not drown the others.
+    0 when the batch holds no click."""
     target = sparse_target.long()
     clicked = target != IGNORE
     if not clicked.any():
         return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), target, ignore_index=IGNORE)
+    per_click = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="none")[clicked]
+    labels = target[clicked]
+    counts = torch.bincount(labels, minlength=logits.shape[1])
+    sums = torch.zeros(logits.shape[1], device=logits.device).index_add_(0, labels, per_click)
+    present = counts > 0
+    return (sums[present] / counts[present]).mean()
 
 
 def dense_cross_entropy(logits: torch.Tensor, dense_target: torch.Tensor) -> torch.Tensor:

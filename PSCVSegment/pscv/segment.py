@@ -24,10 +24,61 @@ def case_settings(device: str = "auto", **overrides) -> TrainSettings:
     return TrainSettings.from_dict({**budget, "device": device, **overrides})
 
 
+def click_region(clicks: Clicks, volume: Volume, margin: float) -> tuple[slice, slice, slice]:
+    """The region of the volume around the organ clicks: their in-plane bounding box grown by `margin` times
+    its size on each side (at least 8 voxels), all slices; the whole volume when no organ is clicked."""
+    region = [slice(0, n) for n in volume.shape]
+    organ = clicks.kji[clicks.values != 0]
+    if not len(organ):
+        return tuple(region)
+    for axis in range(3):
+        if axis == volume.slice_axis():
+            continue
+        low, high = organ[:, axis].min(), organ[:, axis].max() + 1
+        grow = max(8, int(np.ceil(margin * (high - low))))
+        region[axis] = slice(max(0, low - grow), min(volume.shape[axis], high + grow))
+    return tuple(region)
+
+
+def border_background_clicks(region: tuple[slice, slice, slice], slice_indices, slice_axis: int, step: int = 4):
+    """Background clicks every `step` voxels along the border of the region (region coordinates) in the given
+    slices: outside the margin around the organ clicks is taken to be background."""
+    extent = [r.stop - r.start for r in region]
+    plane_axes = [a for a in range(3) if a != slice_axis]
+    rows, cols = extent[plane_axes[0]], extent[plane_axes[1]]
+    ring = [(r, 0) for r in range(0, rows, step)] + [(r, cols - 1) for r in range(0, rows, step)]
+    ring += [(0, c) for c in range(0, cols, step)] + [(rows - 1, c) for c in range(0, cols, step)]
+    points = []
+    for index in slice_indices:
+        for r, c in ring:
+            point = [0, 0, 0]
+            point[slice_axis], point[plane_axes[0]], point[plane_axes[1]] = index, r, c
+            points.append(point)
+    return np.array(points, dtype=np.int64).reshape(-1, 3)
+
+
 def segment_case(volume: Volume, clicks: Clicks, classes: list[ClassInfo], settings: TrainSettings | None = None,
-                 progress=None, should_stop=None) -> tuple[np.ndarray, Model]:
-    """Train on the clicks of `volume`, then segment every slice: (label map `[k, j, i]`, model)."""
+                 progress=None, should_stop=None, roi_margin: float | None = None) -> tuple[np.ndarray, Model]:
+    """Train on the clicks of `volume`, then segment every slice: (label map `[k, j, i]`, model).
+
+    `roi_margin`: train and segment only the region around the organ clicks (see `click_region`); outside
+    it, everything is background.
+    """
     settings = settings or case_settings()
-    model = train([TrainingCase(volume, clicks, name="case")], classes, settings, progress, should_stop)
-    labelmap = predict_volume(model, volume, settings.device, progress=progress, should_stop=should_stop)
+    if roi_margin is None:
+        model = train([TrainingCase(volume, clicks, name="case")], classes, settings, progress, should_stop)
+        return predict_volume(model, volume, settings.device, progress=progress, should_stop=should_stop), model
+    region = click_region(clicks, volume, roi_margin)
+    start = np.array([r.start for r in region])
+    stop = np.array([r.stop for r in region])
+    inside = np.all((clicks.kji >= start) & (clicks.kji < stop), axis=1)
+    axis = volume.slice_axis()
+    ring = border_background_clicks(region, np.unique(clicks.kji[:, axis]) - start[axis], axis)
+    cropped_clicks = Clicks(np.concatenate([clicks.kji[inside] - start, ring]),
+                            np.concatenate([clicks.values[inside], np.zeros(len(ring), dtype=np.int64)]))
+    cropped = Volume(np.ascontiguousarray(volume.array[region]), volume.spacing, volume.index_to_lps(start[::-1]),
+                     volume.direction)
+    model = train([TrainingCase(cropped, cropped_clicks, name="case")], classes, settings, progress, should_stop)
+    labelmap = np.zeros(volume.shape, dtype=np.uint8 if max(c.value for c in classes) <= 255 else np.uint16)
+    labelmap[region] = predict_volume(model, cropped, settings.device, progress=progress, should_stop=should_stop)
     return labelmap, model
