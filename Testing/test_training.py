@@ -9,11 +9,13 @@ from pscv import PSCVError
 from pscv.clicks import Clicks, simulate_clicks
 from pscv.inference import predict_probabilities, predict_volume
 from pscv.metrics import dice
-from pscv.segment import segment_case
+from pscv.segment import border_background_clicks, click_region, segment_case
 from pscv.training import TrainingCase, TrainSettings, case_tensors, scale_coordinates, train
 
 torch.set_num_threads(2)
-TINY = {"image_size": 32, "batch_size": 4, "device": "cpu", "widths": (8, 16, 32, 64, 128)}
+# The loss mechanics alone: the affinity and pseudo-label terms (on by default) are tested on their own below.
+TINY = {"image_size": 32, "batch_size": 4, "device": "cpu", "widths": (8, 16, 32, 64, 128), "affinity_weight": 0.0,
+        "pseudo_weight": 0.0}
 
 
 def test_simulated_clicks_one_per_present_class_per_slice_inside_it():
@@ -71,8 +73,9 @@ def test_tiny_end_to_end_train_and_predict(method):
 def test_affinity_and_pseudo_label_terms_train_and_report():
     volume, labels = two_organ_volume()
     case = TrainingCase(volume, simulate_clicks(labels, seed=0))
-    settings = TrainSettings(method="pscv", iterations=40, learning_rate=0.05, affinity_weight=1.0, pseudo_weight=1.0,
-                             pseudo_start=0.5, pseudo_threshold=0.5, cv_map="probability", cv_pool=4, **TINY)
+    settings = TrainSettings(**{**TINY, "method": "pscv", "iterations": 40, "learning_rate": 0.05,
+                                "affinity_weight": 1.0, "pseudo_weight": 1.0, "pseudo_start": 0.5,
+                                "pseudo_threshold": 0.5, "cv_map": "probability", "cv_pool": 4})
     history = train([case], CLASSES, settings).metadata["history"]
     assert {"pce", "cv", "affinity"} <= set(history[0]) and "pseudo" not in history[0]
     assert "pseudo" in history[-1] and history[-1]["pseudo"] > 0
@@ -149,3 +152,27 @@ def test_segment_case_reports_progress_and_segments_every_slice():
     assert train_steps == sorted(train_steps) and train_steps[-1] == 60
     assert dice(labelmap == 1, labels == 1) > 0.6
     assert model.metadata["training"]["slices"] == 2
+
+
+def test_click_region_grows_the_organ_clicks_box_in_plane_only():
+    volume, labels = two_organ_volume(slices=4, size=48)
+    clicks = Clicks([[0, 10, 12], [3, 20, 30], [1, 2, 2]], [1, 2, 0])  # the background click does not count
+    region = click_region(clicks, volume, margin=0.5)
+    assert region[0] == slice(0, 4)  # every slice
+    # rows 10..20 grown by 8 (the minimum), columns 12..30 by 10 (half of 19, rounded up)
+    assert region[1] == slice(2, 29) and region[2] == slice(2, 41)
+    assert click_region(Clicks([[0, 5, 5]], [0]), volume, 0.5) == tuple(slice(0, n) for n in volume.shape)
+    ring = border_background_clicks((slice(0, 4), slice(0, 9), slice(0, 9)), [1, 3], slice_axis=0, step=4)
+    assert set(ring[:, 0]) == {1, 3} and np.all((ring[:, 1] % 8 == 0) | (ring[:, 2] % 8 == 0))
+
+
+def test_segment_case_with_a_region_keeps_outside_as_background():
+    volume, labels = two_organ_volume(slices=6, size=64)
+    clicks = simulate_clicks(labels, seed=0)
+    settings = TrainSettings(**{**TINY, "iterations": 60, "learning_rate": 0.05, "roi_margin": 0.2})
+    labelmap, _ = segment_case(volume, clicks, CLASSES, settings)
+    region = click_region(clicks, volume, 0.2)
+    outside = np.ones(labels.shape, dtype=bool)
+    outside[region] = False
+    assert outside.any() and not labelmap[outside].any()
+    assert dice(labelmap == 1, labels == 1) > 0.6

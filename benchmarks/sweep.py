@@ -46,8 +46,7 @@ def run_one(config: dict, args) -> dict:
     else:
         per_case, grown = [], []
         for case in val_cases[: args.single_cases]:
-            labelmap, _ = segment_case(case.image, case.clicks, classes, case_settings(**settings),
-                                       roi_margin=config.get("roi_margin"))
+            labelmap, _ = segment_case(case.image, case.clicks, classes, case_settings(**settings))
             per_case.append(evaluate_case(labelmap, case.labels, classes))
             if config.get("growcut"):
                 grown.append(evaluate_case(grow_from_seeds(case.image, case.clicks), case.labels, classes))

@@ -86,12 +86,24 @@ def _parse_value(text: str):
         return text
 
 
+def _parse_roi_margin(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise PSCVError(f"--roi-margin {text!r}: expected a number such as 0.5, or none") from None
+
+
 def _add_training_options(parser, methods=True):
     group = parser.add_argument_group("training")
     if methods:
-        group.add_argument("--method", choices=["pscv", "pce", "ms", "full"], default=None,
-                           help="loss: pscv = partial cross-entropy + contrastive variance (default); pce = "
-                           "partial cross-entropy only; ms = pCE + Mumford-Shah; full = dense labels (upper bound)")
+        group.add_argument("--method", choices=["pce", "pscv", "ms", "full"], default=None,
+                           help="the base loss: pce = partial cross-entropy on the clicks (default); pscv = pCE + "
+                           "contrastive variance (the paper's term, as reconstructed); ms = pCE + Mumford-Shah; "
+                           "full = dense labels (upper bound). A CRF-like affinity and EMA pseudo-labels are added "
+                           "to every point-supervised method by default (--set affinity_weight=0 pseudo_weight=0 "
+                           "to leave them out): they measured best on ACDC (BENCHMARKS.md)")
     group.add_argument("--iterations", type=int, help="training iterations (default: depends on the command)")
     group.add_argument("--image-size", type=int, help="slices are resized to this square size (multiple of 16)")
     group.add_argument("--batch-size", type=int, help="slices per training batch")
@@ -114,6 +126,8 @@ def _settings_overrides(args) -> dict:
             overrides[key] = getattr(args, key)
     if args.normalize:
         overrides["normalization"] = parse_normalization(args.normalize)
+    if getattr(args, "roi_margin", None) is not None:
+        overrides["roi_margin"] = _parse_roi_margin(args.roi_margin)
     for item in args.set:
         key, separator, value = item.partition("=")
         if not separator or not key:
@@ -361,9 +375,10 @@ def _add_bench(subparsers):
                         "tens of thousands of iterations, for a GPU")
     parser.add_argument("--data", default="../shared/data/acdc", help="the ACDC folder (volumes/, *_patients.txt)")
     parser.add_argument("--out", default="runs/bench-acdc", help="folder for the results")
-    parser.add_argument("--methods", default="pce,ms,pscv,full",
-                        help="comma-separated methods to train, or none (only the single-case comparison and the "
-                        "report of what --out already holds)")
+    parser.add_argument("--methods", default="pce,ms,pscv,pce+aff+pl,full",
+                        help="comma-separated recipes to train: pce, ms, pscv (plain losses), pce+aff+pl (the "
+                        "default: pCE + affinity + pseudo-labels), pscv+aff+pl, full; or none (only the "
+                        "single-case comparison and the report of what --out already holds)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--iterations", type=int, help="override the profile's iterations")

@@ -530,7 +530,6 @@ def _read_case(job: Job, classes, with_points: bool):
 def _predict(job, events, should_stop, model, volume) -> None:
     """Segment `volume` with `model` and write outputs.segmentation, falling back on out-of-memory."""
     from .inference import predict_volume
-    from .segfiles import write_segmentation
 
     # A predict job's batch_size is the inference batch; a segment job's is the training batch.
     allowed = PREDICT_SETTINGS if job.kind == "predict" else ("device",)
@@ -544,9 +543,15 @@ def _predict(job, events, should_stop, model, volume) -> None:
                               should_stop=should_stop)
 
     labelmap = with_memory_fallback(events, make_settings, work, options.get("device", "auto"))
+    _write_segmentation(job, events, should_stop, labelmap, volume, model.classes)
+
+
+def _write_segmentation(job, events, should_stop, labelmap, volume, classes) -> None:
+    from .segfiles import write_segmentation
+
     _check_stop(should_stop)
     events({"event": "progress", "stage": "write", "step": 0, "total": 1, "loss": None, "seconds_left": None})
-    write_segmentation(job.outputs["segmentation"], labelmap, volume, model.classes)
+    write_segmentation(job.outputs["segmentation"], labelmap, volume, classes)
 
 
 def _train(job, events, should_stop, cases, classes, make_settings, initial=None):
@@ -574,9 +579,9 @@ def _save_model(job: Job, model) -> None:
 
 
 def _run_segment(job: Job, events: Events, should_stop) -> None:
+    """The single-case mode (`pscv.segment.segment_case`): train on the case's clicks, then segment it."""
     from .classes import read_classes
-    from .segment import case_settings
-    from .training import TrainingCase
+    from .segment import case_settings, segment_case
 
     classes = read_classes(job.inputs["classes"])
     volume, clicks = _read_case(job, classes, with_points=True)
@@ -585,11 +590,14 @@ def _run_segment(job: Job, events: Events, should_stop) -> None:
     def make_settings(device, batch_size):
         return case_settings(device, **{**overrides, **({"batch_size": batch_size} if batch_size else {})})
 
-    model = _train(job, events, should_stop, [TrainingCase(volume, clicks, name="case")], classes, make_settings)
+    def work(settings):
+        return segment_case(volume, clicks, classes, settings, events, should_stop)
+
+    labelmap, model = with_memory_fallback(events, make_settings, work, job.settings.get("device", "auto"))
     _check_stop(should_stop)
     _save_model(job, model)
     if "segmentation" in job.outputs:
-        _predict(job, events, should_stop, model, volume)
+        _write_segmentation(job, events, should_stop, labelmap, volume, classes)
 
 
 def _run_train(job: Job, events: Events, should_stop) -> None:

@@ -12,6 +12,10 @@ from .models import Model
 from .training import TrainingCase, TrainSettings, train
 from .volumes import Volume
 
+# What worked best for one case on the ACDC val volumes (BENCHMARKS.md): train only around the organ clicks,
+# a strong affinity term, pseudo-labels, a higher learning rate for the short schedule.
+CASE_DEFAULTS = {"method": "pce", "roi_margin": 0.5, "affinity_weight": 3.0, "pseudo_weight": 1.0,
+                 "learning_rate": 0.03}
 # The default budget: about a minute of training on 2 CPU cores for a 10-slice 256x216 volume; a GPU
 # affords the full-resolution network and many more iterations in less time.
 CPU_BUDGET = {"iterations": 300, "image_size": 128, "batch_size": 8}
@@ -21,7 +25,7 @@ GPU_BUDGET = {"iterations": 2000, "image_size": 256, "batch_size": 12}
 def case_settings(device: str = "auto", **overrides) -> TrainSettings:
     """Training settings for one case: the budget that suits the device, then the caller's overrides."""
     budget = CPU_BUDGET if resolve_device(device).type == "cpu" else GPU_BUDGET
-    return TrainSettings.from_dict({**budget, "device": device, **overrides})
+    return TrainSettings.from_dict({**CASE_DEFAULTS, **budget, "device": device, **overrides})
 
 
 def click_region(clicks: Clicks, volume: Volume, margin: float) -> tuple[slice, slice, slice]:
@@ -58,13 +62,14 @@ def border_background_clicks(region: tuple[slice, slice, slice], slice_indices, 
 
 
 def segment_case(volume: Volume, clicks: Clicks, classes: list[ClassInfo], settings: TrainSettings | None = None,
-                 progress=None, should_stop=None, roi_margin: float | None = None) -> tuple[np.ndarray, Model]:
+                 progress=None, should_stop=None) -> tuple[np.ndarray, Model]:
     """Train on the clicks of `volume`, then segment every slice: (label map `[k, j, i]`, model).
 
-    `roi_margin`: train and segment only the region around the organ clicks (see `click_region`); outside
-    it, everything is background.
+    With `settings.roi_margin` set, only the region around the organ clicks is trained on and segmented
+    (`click_region`); outside it, everything is background.
     """
     settings = settings or case_settings()
+    roi_margin = settings.roi_margin
     if roi_margin is None:
         model = train([TrainingCase(volume, clicks, name="case")], classes, settings, progress, should_stop)
         return predict_volume(model, volume, settings.device, progress=progress, should_stop=should_stop), model
