@@ -322,6 +322,8 @@ def _run_train(args):
     processes = from_environment()
     if args.nproc < 1:
         raise PSCVError(f"--nproc {args.nproc}: give at least 1 process")
+    if args.checkpoint_every < 0:
+        raise PSCVError(f"--checkpoint-every {args.checkpoint_every}: give a number of steps, or 0 for never")
     if args.nproc > 1 and processes.size == 1:  # not yet started by torchrun: start the processes
         return _launch_train(args)
     import warnings
@@ -352,8 +354,10 @@ def _run_train(args):
                       checkpoint_dir=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume)
     except Cancelled as stop:
         if processes.main:
+            options = (f" --nproc {processes.size}" if processes.size > 1 else "") + \
+                (f" --device {settings.device}" if settings.device != "auto" else "")
             print(f"pscv train: {stop}; continue with: pscv train {args.dataset} --out {args.out} --resume "
-                  f"{checkpoint}" + (f" --nproc {processes.size}" if processes.size > 1 else ""), file=sys.stderr)
+                  f"{checkpoint}{options}", file=sys.stderr)
         return 130
     finally:
         restore_signals()
