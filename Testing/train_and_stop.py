@@ -22,8 +22,9 @@ def should_stop() -> bool:  # with several processes, asked at each step that re
     return len(calls) >= records
 
 
+stopped = False
 try:
     train(cases, classes, settings, should_stop=should_stop, checkpoint_dir=out)
 except Cancelled:
-    sys.exit(0)
-sys.exit("the training was not stopped")
+    stopped = True
+sys.exit(0 if stopped else "the training was not stopped")

@@ -10,6 +10,7 @@ ordinary single-process run: nothing here then communicates.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import signal
 import subprocess
@@ -80,8 +81,13 @@ def join(processes: Processes, device_name: str = "auto") -> torch.device:
 
 
 def leave() -> None:
-    """Leave the process group (when `join` made one); called at exit."""
+    """Leave the process group (when `join` made one); called at exit, while Python is still whole.
+
+    DistributedDataParallel sits in reference cycles: collected first, so that no object holding the process
+    group is left for the interpreter's teardown, which would then abort the process now and then
+    ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
