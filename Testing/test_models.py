@@ -1,4 +1,4 @@
-"""Models save with their metadata, load without executing code, and refuse what does not fit."""
+"""Models save with their metadata and model card, load without executing code, and refuse what does not fit."""
 
 import json
 
@@ -33,7 +33,16 @@ def test_round_trip_keeps_weights_metadata_and_predictions(tmp_path, model_and_v
     assert metadata["network"]["image_size"] == 32 and metadata["network"]["num_classes"] == 3
     assert [c.name for c in loaded.classes] == ["background", "disk", "box"]
     assert (predict_volume(loaded, volume, "cpu") == predict_volume(model, volume, "cpu")).all()
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.json", "model.safetensors", "model_card.json"]
+    card = json.loads((tmp_path / "m" / "model_card.json").read_text())
+    assert card["method"] == "pce" and card["data"] == {"cases": 1, "slices": 3, "clicks": 9}
+    assert card["validation"] is None and card["training"]["processes"] == 1
+
+
+def test_a_model_without_a_card_still_loads(tmp_path, model_and_volume):
+    save_model(model_and_volume[0], tmp_path / "m")
+    (tmp_path / "m" / "model_card.json").unlink()  # as models written before cards existed
+    assert load_model(tmp_path / "m", classes=CLASSES).metadata["method"] == "pce"
 
 
 def test_other_classes_are_refused(tmp_path, model_and_volume):

@@ -78,7 +78,8 @@ def test_worker_runs_a_tiny_job_to_done(tmp_path):
     assert jobs.read_state(folder)["state"] == "done"
     labels = read_segmentation(folder / "result.seg.nrrd", jobs_classes(folder))
     assert labels.shape == (3, 32, 32) and set(np.unique(labels)) <= {0, 1}
-    assert sorted(p.name for p in (folder / "result-model").iterdir()) == ["model.json", "model.safetensors"]
+    assert sorted(p.name for p in (folder / "result-model").iterdir()) == ["model.json", "model.safetensors",
+                                                                          "model_card.json"]
     assert not list(folder.rglob("*.partial-*"))
 
 

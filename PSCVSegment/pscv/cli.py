@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "run", None):
         parser.print_help()
         return 1
@@ -216,28 +217,176 @@ def _add_train(subparsers):
     parser = subparsers.add_parser(
         "train", help="train a model on a dataset folder",
         description="Train on a dataset folder: DATASET/classes.json, DATASET/images/<case>.nrrd|.nii.gz, "
-        "DATASET/points/<case>.mrk.json (and DATASET/labels/<case>.* for --method full).")
+        "DATASET/points/<case>.mrk.json (and DATASET/labels/<case>.* for --method full). The model folder gets "
+        "model.safetensors, model.json and model_card.json (classes, settings, data, device, time, validation Dice).")
     parser.add_argument("dataset", help="the dataset folder")
     parser.add_argument("--out", required=True, help="folder to write the model to (model.safetensors + model.json)")
+    parser.add_argument("--val", metavar="DATASET", help="a dataset folder with labels/ (same classes): the model's "
+                        "Dice on it goes into its model card")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     _add_training_options(parser)
+    group = parser.add_argument_group("several processes and checkpoints")
+    group.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="train in N processes on this machine (one per GPU; or CPU processes) under torchrun "
+                       "with DistributedDataParallel, each on its own shard of the slices. --batch-size is per "
+                       "process: the global batch is batch_size x N; the learning rate and its schedule per step "
+                       "are those of one process (not scaled with N). --set cv_gather=true lets the contrastive "
+                       "variance loss see the global batch. Started by torchrun yourself (several machines), "
+                       "pscv train finds the processes without --nproc")
+    group.add_argument("--checkpoint-every", type=int, default=1000, metavar="K",
+                       help="write OUT/checkpoint.safetensors every K steps (default 1000; 0: never) and when Ctrl+C "
+                       "or SIGTERM stops the run; removed once the model is saved")
+    group.add_argument("--resume", metavar="CHECKPOINT",
+                       help="continue an interrupted run from its checkpoint (the file, or the OUT folder holding "
+                       "it): same data set, classes and number of processes; settings left out are the checkpoint's")
     parser.set_defaults(run=_run_train)
 
 
-def _run_train(args):
-    from .dataset import load_training_cases
-    from .models import save_model
-    from .training import TrainSettings, train
+def _train_settings(args):
+    """TrainSettings from the command line; with --resume, those of the checkpoint for options left out."""
+    from .training import TrainSettings
 
     overrides = _settings_overrides(args)
-    settings = TrainSettings.from_dict(overrides)
+    if args.resume:
+        from .checkpoints import read_state
+
+        overrides = {**read_state(args.resume)["run"]["settings"], **overrides}
+    return TrainSettings.from_dict(overrides)
+
+
+def _stop_on_signals():
+    """SIGINT and SIGTERM ask the training to stop after its current step (it writes a checkpoint first); a
+    signal at least 2 s after the first stops at once. Returns (should_stop, restore the previous handlers)."""
+    import signal
+    import threading
+
+    asked = []
+
+    def handler(number, frame):
+        if asked and time.monotonic() - asked[0] > 2:
+            raise KeyboardInterrupt
+        asked[:] = asked or [time.monotonic()]
+
+    if threading.current_thread() is not threading.main_thread():
+        return (lambda: False), (lambda: None)
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
+    return (lambda: bool(asked)), (lambda: [signal.signal(n, h) for n, h in previous.items()])
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line without --nproc (torchrun would take it for its own --nproc-per-node)."""
+    kept, skip = [], False
+    for token in argv:
+        name = token.split("=", 1)[0]
+        if skip or len(name) > 3 and "--nproc".startswith(name):
+            skip = not skip and "=" not in token
+            continue
+        kept.append(token)
+    return kept
+
+
+def _check_resume(args, settings, processes: int) -> None:
+    """With --resume, refuse at once a checkpoint of another run (its data set is compared by train())."""
+    if not args.resume:
+        return
+    from .checkpoints import check_compatible, read_state, run_description
+    from .dataset import read_dataset
+    from .training import shape_of_network
+
+    classes, _ = read_dataset(args.dataset)
+    expected = run_description(classes, shape_of_network(classes, settings), settings.to_dict(), processes, None)
+    check_compatible(args.resume, read_state(args.resume)["run"], expected)
+
+
+def _launch_train(args):
+    """`pscv train --nproc N`: check what can be checked here, then run this command in N processes."""
+    from .dataset import read_dataset
+    from .devices import resolve_device
+    from .distributed import launch
+
+    settings = _train_settings(args)
+    read_dataset(args.dataset)
+    if args.val:
+        read_dataset(args.val)
+    device = resolve_device(settings.device)
+    if device.type == "cuda":
+        import torch
+
+        if device.index is not None or args.nproc > torch.cuda.device_count():
+            raise PSCVError(f"--nproc {args.nproc} --device {settings.device}: each process needs a GPU of its own "
+                            f"and torch sees {torch.cuda.device_count()}; give --device cuda (or auto) and at most "
+                            "that many processes (CUDA_VISIBLE_DEVICES chooses which GPUs)")
+    elif device.type != "cpu":
+        raise PSCVError(f"--nproc {args.nproc}: device {device.type!r} cannot be shared by several processes; "
+                        "use --device cuda or cpu")
+    _check_resume(args, settings, args.nproc)
+    status, stopped = launch(args.nproc, _without_nproc(args.argv))
+    if status == 0:
+        return 0
+    if stopped:  # rank 0 has said where the checkpoint is (torchrun adds a traceback of the signal)
+        return 130
+    print(f"pscv train: the {args.nproc} training processes failed (torchrun exit status {status}); their messages "
+          "are above", file=sys.stderr)
+    return 2
+
+
+def _run_train(args):
+    from .distributed import from_environment
+
+    processes = from_environment()
+    if args.nproc < 1:
+        raise PSCVError(f"--nproc {args.nproc}: give at least 1 process")
+    if args.checkpoint_every < 0:
+        raise PSCVError(f"--checkpoint-every {args.checkpoint_every}: give a number of steps, or 0 for never")
+    if args.nproc > 1 and processes.size == 1:  # not yet started by torchrun: start the processes
+        return _launch_train(args)
+    import warnings
+
+    from .checkpoints import CHECKPOINT
+    from .dataset import evaluate_model, load_training_cases
+    from .models import save_model
+    from .progress import Cancelled
+    from .training import train
+
+    if not processes.main:  # rank 0 speaks for all
+        warnings.simplefilter("ignore")
+    settings = _train_settings(args)
+    _check_resume(args, settings, processes.size)
     classes, cases = load_training_cases(args.dataset, settings.method)
-    print(f"training {settings.method} on {len(cases)} cases, {settings.iterations} iterations", file=sys.stderr)
-    model = train(cases, classes, settings, progress=ConsoleProgress(quiet=args.quiet))
+    checkpoint = Path(args.out) / CHECKPOINT
+    if processes.main:
+        together = f" in {processes.size} processes (global batch {settings.batch_size * processes.size})" \
+            if processes.size > 1 else ""
+        print(f"training {settings.method} on {len(cases)} cases, {settings.iterations} iterations{together}",
+              file=sys.stderr)
+        if checkpoint.is_file() and not args.resume:
+            print(f"pscv train: {checkpoint} (an interrupted run) will be replaced; --resume {checkpoint} would "
+                  "continue it", file=sys.stderr)
+    should_stop, restore_signals = _stop_on_signals()
+    try:
+        model = train(cases, classes, settings, progress=ConsoleProgress(quiet=args.quiet), should_stop=should_stop,
+                      checkpoint_dir=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume)
+    except Cancelled as stop:
+        if processes.main:
+            options = (f" --nproc {processes.size}" if processes.size > 1 else "") + \
+                (f" --device {settings.device}" if settings.device != "auto" else "")
+            print(f"pscv train: {stop}; continue with: pscv train {args.dataset} --out {args.out} --resume "
+                  f"{checkpoint}{options}", file=sys.stderr)
+        return 130
+    finally:
+        restore_signals()
+    if not processes.main:
+        return 0
+    if args.val:
+        model.metadata["validation"] = evaluate_model(model, args.val, settings.device)
     save_model(model, args.out)
+    checkpoint.unlink(missing_ok=True)  # the model replaces the run's checkpoint
     info = model.metadata["training"]
+    validation = model.metadata.get("validation")
     print(f"wrote {args.out} ({info['slices']} slices, {info['clicks']} clicks, {info['seconds']:.0f} s on "
-          f"{info['device']}, {info['images_per_second']} images/s)")
+          f"{info['device']}" + (f" x {info['processes']}" if info["processes"] > 1 else "")
+          + f", {info['images_per_second']} images/s"
+          + (f", validation mean Dice {validation['mean_dice']:.4f}" if validation else "") + ")")
 
 
 def _add_predict(subparsers):

@@ -82,3 +82,32 @@ def load_training_cases(dataset_folder, method: str):
         need = "labels/<case> files" if method == "full" else "points/<case>.mrk.json files"
         raise PSCVError(f"{dataset_folder}: no case to train on (method {method} needs {need})")
     return classes, cases
+
+
+def evaluate_model(model, dataset_folder, device="auto", progress=None) -> dict:
+    """The Dice of `model` on the labelled cases of a dataset folder (images/ + labels/; points unused): per
+    class (mean over cases) and their mean. The folder's classes must be the model's."""
+    from .inference import predict_volume
+    from .metrics import dice
+    from .segfiles import read_segmentation
+    from .volumes import read_image
+
+    classes, entries = read_dataset(dataset_folder)
+    expected = [(c.name.lower(), c.value) for c in model.classes]
+    if [(c.name.lower(), c.value) for c in classes] != expected:
+        raise PSCVError(f"{Path(dataset_folder) / 'classes.json'}: the classes differ from the model's "
+                        f"{[f'{n}={v}' for n, v in expected]}; validate on a data set of the same classes")
+    labelled = [entry for entry in entries if entry.labels is not None]
+    if not labelled:
+        raise PSCVError(f"{dataset_folder}: no labels/<case> files to validate on")
+    organs = [c for c in classes if c.value != 0]
+    scores = {c.name: [] for c in organs}
+    for entry in labelled:
+        volume = read_image(entry.image)
+        truth = read_segmentation(entry.labels, classes, volume)
+        prediction = predict_volume(model, volume, device, progress=progress)
+        for c in organs:
+            scores[c.name].append(dice(prediction == c.value, truth == c.value))
+    per_class = {name: round(sum(values) / len(values), 4) for name, values in scores.items()}
+    return {"dataset": str(dataset_folder), "cases": len(labelled), "dice": per_class,
+            "mean_dice": round(sum(per_class.values()) / len(per_class), 4)}

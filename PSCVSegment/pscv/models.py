@@ -1,4 +1,5 @@
-"""Trained models on disk: `model.safetensors` (weights) + `model.json` (everything needed to use them).
+"""Trained models on disk: `model.safetensors` (weights) + `model.json` (everything needed to use them)
++ `model_card.json` (what a person wants to know about the model: see `model_card`).
 
 Loading never executes code from the file. A model whose format differs, that a newer engine wrote,
 or whose classes differ from the ones asked for is refused with a message that says which and why.
@@ -15,7 +16,8 @@ from .classes import ClassInfo, classes_to_json, parse_classes
 from .network import UNet
 
 FORMAT = "pscv-model/1"
-WEIGHTS, METADATA = "model.safetensors", "model.json"
+WEIGHTS, METADATA, CARD = "model.safetensors", "model.json", "model_card.json"
+CARD_FORMAT = "pscv-model-card/1"
 
 
 @dataclass
@@ -42,8 +44,30 @@ def build_network(network: dict) -> UNet:
                 widths=network["widths"], dropout=network["dropout"])
 
 
+def model_card(metadata: dict) -> dict:
+    """The model card: classes, method and settings, the data it was trained on (cases, slices, clicks), where
+    and how long it trained, its validation Dice (when `pscv train --val` gave a validation set), engine
+    version and date. Built from the model's metadata; what a model does not record is null."""
+    training = metadata.get("training") or {}
+    classes = (metadata.get("classes") or {}).get("classes", [])
+    return {
+        "format": CARD_FORMAT,
+        "engine_version": metadata.get("engine_version"),
+        "date": training.get("date"),
+        "method": metadata.get("method"),
+        "classes": [{"name": c["name"], "value": c["value"]} for c in classes],
+        "settings": metadata.get("settings"),
+        "network": metadata.get("network"),
+        "normalization": metadata.get("normalization"),
+        "data": {key: training.get(key) for key in ("cases", "slices", "clicks")},
+        "training": {key: training.get(key) for key in ("device", "device_name", "processes", "global_batch",
+                                                         "seconds", "images_per_second", "resumed_from_step")},
+        "validation": metadata.get("validation"),
+    }
+
+
 def save_model(model: Model, directory: str | Path) -> Path:
-    """Write the model folder; both files appear atomically."""
+    """Write the model folder; each file appears atomically."""
     from safetensors.torch import save_file
 
     from .atomic import atomic_path, write_text_atomic
@@ -54,6 +78,7 @@ def save_model(model: Model, directory: str | Path) -> Path:
     with atomic_path(directory / WEIGHTS) as temporary:
         save_file(state, str(temporary), metadata={"format": FORMAT})
     write_text_atomic(directory / METADATA, json.dumps(model.metadata, indent=2) + "\n")
+    write_text_atomic(directory / CARD, json.dumps(model_card(model.metadata), indent=2) + "\n")
     return directory
 
 

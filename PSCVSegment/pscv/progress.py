@@ -17,8 +17,8 @@ class Reporter:
     """Counts the steps of one stage, reports them at most `per_second` times a second, checks for stop."""
 
     def __init__(self, stage: str, total: int, progress: ProgressCallback = None, should_stop: StopCheck = None,
-                 device: str = "cpu", per_second: float = 4.0):
-        self.stage, self.total, self.device = stage, total, device
+                 device: str = "cpu", per_second: float = 4.0, first_step: int = 0):
+        self.stage, self.total, self.device, self.first_step = stage, total, device, first_step
         self.progress, self.should_stop = progress, should_stop
         self.interval = 1.0 / per_second
         self.started = time.monotonic()
@@ -35,7 +35,8 @@ class Reporter:
             return
         self.last_report = now
         elapsed = now - self.started
-        seconds_left = elapsed / step * (self.total - step) if step > 0 else None
+        done = step - self.first_step  # steps done since this Reporter started (a resumed run starts later)
+        seconds_left = elapsed / done * (self.total - step) if done > 0 else None
         event = {"event": "progress", "stage": self.stage, "step": int(step), "total": int(self.total),
                  "loss": None if loss is None else float(loss),
                  "seconds_left": None if seconds_left is None else round(seconds_left, 1),

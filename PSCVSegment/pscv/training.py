@@ -19,17 +19,20 @@ from __future__ import annotations
 
 import copy
 import math
+import platform
 import time
 from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import PSCVError
+from . import PSCVError, checkpoints, distributed
 from .classes import ClassInfo
 from .clicks import Clicks
-from .devices import resolve_device
+from .distributed import gather_batch
 from .intensity import DEFAULT_NORMALIZATION, normalize
 from .losses import (
     IGNORE,
@@ -43,7 +46,7 @@ from .losses import (
 )
 from .models import Model, build_metadata, build_network
 from .network import DEFAULT_DROPOUT, DEFAULT_WIDTHS
-from .progress import Reporter
+from .progress import Cancelled, Reporter
 from .volumes import Volume
 
 METHODS = ("pscv", "pce", "ms", "full")
@@ -81,6 +84,9 @@ class TrainSettings:
     normalization: dict = field(default_factory=lambda: dict(DEFAULT_NORMALIZATION))
     widths: tuple = DEFAULT_WIDTHS
     dropout: tuple = DEFAULT_DROPOUT
+    # Several processes (torchrun; pscv.distributed), each with its own batch of batch_size slices:
+    cv_gather: bool = False  # contrast the variance maps of every process's batch, not only its own
+    sync_batchnorm: bool = True  # batch-norm statistics over the global batch (GPUs; PyTorch has none on the CPU)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -184,6 +190,14 @@ def case_tensors(case: TrainingCase, classes: list[ClassInfo], settings: TrainSe
     )
 
 
+def slices_on_device(data: TrainingTensors, index: torch.Tensor | None, device) -> TrainingTensors:
+    """The slices `index` of `data` (all of them when None) on `device`."""
+    def take(tensor):
+        return None if tensor is None else (tensor if index is None else tensor[index]).to(device)
+
+    return TrainingTensors(take(data.images), take(data.sparse), take(data.dense), take(data.present))
+
+
 def build_training_tensors(cases, classes, settings, device) -> TrainingTensors:
     parts = [case_tensors(case, classes, settings) for case in cases]
     parts = [p for p in parts if len(p.images)]
@@ -230,6 +244,8 @@ def loss_terms(logits, images, sparse, dense, present, settings: TrainSettings, 
                 else probabilities)
         if settings.cv_pool > 1:
             maps = F.avg_pool2d(maps, settings.cv_pool)
+        if settings.cv_gather:  # all processes' maps; the gradient reaches each process's own
+            maps, present = gather_batch(maps), gather_batch(present)
         ramp = min(1.0, (step + 1) / settings.cv_warmup) if settings.cv_warmup else 1.0
         terms["cv"] = ramp * settings.cv_weight * contrastive_variance(
             maps, present if settings.cv_present_only else None, settings.cv_temperature, settings.cv_pairing)
@@ -253,38 +269,69 @@ def update_teacher(teacher, student, decay: float) -> None:
         teacher_buffer.copy_(buffer)
 
 
+def shape_of_network(classes: list[ClassInfo], settings: TrainSettings) -> dict:
+    """The network these classes and settings make (`models.build_network` builds it)."""
+    return {"num_classes": len(classes), "in_channels": 1, "widths": list(settings.widths),
+            "dropout": list(settings.dropout), "image_size": settings.image_size, "architecture": "unet2d"}
+
+
 def poly_learning_rate(settings: TrainSettings, step: int) -> float:
     return settings.learning_rate * (1 - step / settings.iterations) ** 0.9
 
 
 def train(cases: list[TrainingCase], classes: list[ClassInfo], settings: TrainSettings | None = None,
-          progress=None, should_stop=None, initial: Model | None = None) -> Model:
+          progress=None, should_stop=None, initial: Model | None = None, checkpoint_dir=None,
+          checkpoint_every: int = 0, resume=None) -> Model:
     """Train a U-Net on the cases' clicks (or labels for `full`); returns the model with its metadata.
 
     `initial`: start from this model's weights (fine-tuning); its network shape must match the settings.
 
+    `checkpoint_dir`: write `checkpoint.safetensors` there every `checkpoint_every` steps (0: never) and when
+    `should_stop` stops the run (the last one stays; `pscv train` removes it once the model is saved).
+    `resume`: such a checkpoint (or its folder), written for the same data, classes and settings (the device
+    may differ): training goes on from its step with its weights, optimiser and random states, and ends where
+    the uninterrupted run would.
+
+    Started by torchrun (`pscv.distributed`), every process calls this with the same arguments: each draws
+    `batch_size` slices a step from its own shard (global batch: batch_size x processes), gradients are
+    averaged (DistributedDataParallel), the loss history is the mean over the processes, progress and
+    checkpoints come from rank 0, `should_stop` is honoured at the steps that record the loss (every 10th),
+    and every process returns the same model.
+
     The loss history is in `model.metadata["history"]` (step, loss terms) for curves.
     """
     settings = settings or TrainSettings()
-    device = resolve_device(settings.device)
+    processes = distributed.from_environment()
+    several = processes.size > 1
+    device = distributed.join(processes, settings.device)
+    progress = progress if processes.main else None
     torch.manual_seed(settings.seed)
-    generator = torch.Generator().manual_seed(settings.seed)
-    reporter = Reporter("load", 1, progress, should_stop, device=str(device))
+    # Slices are drawn with seed + rank; the batch-wide flip/turn is one for all processes (with one process
+    # both come from one generator, as they always did).
+    generator = torch.Generator().manual_seed(settings.seed + processes.rank)
+    augmenter = torch.Generator().manual_seed(settings.seed + processes.size) if several else generator
+    reporter = Reporter("load", 1, progress, None if several else should_stop, device=str(device))
     reporter.step(0, force=True)
-    data = build_training_tensors(cases, classes, settings, device)
-    network_shape = {"num_classes": len(classes), "in_channels": 1, "widths": list(settings.widths),
-                     "dropout": list(settings.dropout), "image_size": settings.image_size, "architecture": "unet2d"}
+    data = build_training_tensors(cases, classes, settings, torch.device("cpu"))
+    totals = {"slices": len(data.images), "clicks": int((data.sparse != IGNORE).sum().item())}
+    data = slices_on_device(data, distributed.shard(totals["slices"], processes) if several else None, device)
+    network_shape = shape_of_network(classes, settings)
     network = build_network(network_shape)
     if initial is not None:
         if initial.metadata["network"] != network_shape:
             raise PSCVError(f"cannot fine-tune: the model's network {initial.metadata['network']} differs from "
                             f"the one these settings make {network_shape}")
         network.load_state_dict(initial.network.state_dict())
+    if several:
+        torch.manual_seed(settings.seed + processes.rank)  # same initial weights, dropout of its own
     network = network.to(device)
     use_cuda = device.type == "cuda"
     if use_cuda:
         network = network.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
+    synchronised = several and use_cuda and settings.sync_batchnorm  # SyncBatchNorm needs GPUs
+    if synchronised:
+        network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
     optimizer = torch.optim.SGD(network.parameters(), lr=settings.learning_rate, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
     teacher = None
@@ -293,21 +340,45 @@ def train(cases: list[TrainingCase], classes: list[ClassInfo], settings: TrainSe
     pseudo_from = int(settings.pseudo_start * settings.iterations)
     count = len(data.images)
     batch_size = min(settings.batch_size, count) if settings.method == "full" else settings.batch_size
-    history, started = [], time.monotonic()
-    reporter = Reporter("train", settings.iterations, progress, should_stop, device=str(device))
-    network.train()
-    for step in range(settings.iterations):
+    run = checkpoints.run_description(classes, network_shape, settings.to_dict(), processes.size, totals)
+    history, first_step, seconds_before = [], 0, 0.0
+    if resume is not None:
+        resume = checkpoints.checkpoint_file(resume)
+        tensors, state = checkpoints.load_checkpoint(resume)
+        checkpoints.check_compatible(resume, state["run"], run)
+        randoms = checkpoints.restore(resume, tensors, state, network, optimizer, teacher, processes.rank)
+        checkpoints.set_random_states(randoms, generator, augmenter, device)
+        history, first_step, seconds_before = state["history"], state["step"], state["seconds"]
+    started = time.monotonic()
+
+    def save_checkpoint(steps_done: int) -> None:  # every process gives its random states, rank 0 writes
+        if checkpoint_dir is None:
+            return
+        randoms = distributed.gather_objects(checkpoints.random_states(generator, augmenter, device))
+        if processes.main:
+            state = {"step": steps_done, "run": run, "optimizer": checkpoints.optimizer_description(optimizer),
+                     "history": history, "seconds": seconds_before + time.monotonic() - started}
+            checkpoints.save_checkpoint(Path(checkpoint_dir) / checkpoints.CHECKPOINT,
+                                        checkpoints.training_tensors(network, optimizer, teacher, randoms), state)
+
+    forward = network  # what the batches go through: the network, or DDP around it
+    if several:
+        forward = torch.nn.parallel.DistributedDataParallel(network, device_ids=[device] if use_cuda else None)
+    reporter = Reporter("train", settings.iterations, progress, None if several else should_stop,
+                        device=str(device), first_step=first_step)
+    forward.train()
+    for step in range(first_step, settings.iterations):
         index = torch.randint(0, count, (batch_size,), generator=generator).to(device)
         images, sparse = data.images[index], data.sparse[index]
         dense = None if data.dense is None else data.dense[index]
         if settings.augment == "flip":
-            images, sparse, dense = augment_batch([images, sparse, dense], generator)
+            images, sparse, dense = augment_batch([images, sparse, dense], augmenter)
         for group in optimizer.param_groups:
             group["lr"] = poly_learning_rate(settings, step)
         if use_cuda:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_cuda):
-            logits = network(images)
+            logits = forward(images)
             teacher_probabilities = None
             if teacher is not None and step >= pseudo_from:
                 with torch.no_grad():
@@ -321,19 +392,36 @@ def train(cases: list[TrainingCase], classes: list[ClassInfo], settings: TrainSe
             update_teacher(teacher, network, settings.ema_decay)
         record = step % 10 == 0 or step == settings.iterations - 1
         if record:  # reading the loss waits for the device, so only every 10 steps
-            history.append({"step": step, "loss": loss.item(), **{k: v.item() for k, v in terms.items()}})
+            stop = several and should_stop is not None and should_stop()
+            values, stop = distributed.mean_and_any({"loss": loss, **terms}, stop)
+            history.append({"step": step, **values})
             if not math.isfinite(history[-1]["loss"]):
                 raise PSCVError(f"training diverged at step {step} (loss {history[-1]['loss']}); lower the "
                                 "learning rate or the loss weights")
-        reporter.step(step + 1, history[-1]["loss"] if history else None)
-    seconds = time.monotonic() - started
+            if stop:  # asked on any process: all stop here, after the same step
+                save_checkpoint(step + 1)
+                raise Cancelled(f"train cancelled at step {step + 1} of {settings.iterations}")
+        try:
+            reporter.step(step + 1, history[-1]["loss"] if history else None)
+        except Cancelled:
+            save_checkpoint(step + 1)
+            raise
+        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < settings.iterations:
+            save_checkpoint(step + 1)
+    seconds = seconds_before + time.monotonic() - started
     network.eval()
+    if synchronised:  # back to plain batch norm (same weights) for inference and saving
+        network = build_network(network_shape).to(device).eval()
+        network.load_state_dict(forward.module.state_dict())
+    images = (settings.iterations - first_step) * batch_size * processes.size
+    images_per_second = images / max(seconds - seconds_before, 1e-9)
     metadata = build_metadata(
         classes, settings.normalization, network_shape, settings.method, settings.to_dict(),
-        training={"slices": count, "clicks": int((data.sparse != IGNORE).sum().item()), "cases": len(cases),
-                  "seconds": round(seconds, 2), "device": str(device),
-                  "images_per_second": round(settings.iterations * batch_size / max(seconds, 1e-9), 1)},
+        training={**totals, "cases": len(cases), "seconds": round(seconds, 2), "device": str(device),
+                  "images_per_second": round(images_per_second, 1), "processes": processes.size,
+                  "global_batch": batch_size * processes.size, "resumed_from_step": first_step if resume else None,
+                  "device_name": torch.cuda.get_device_name(device) if use_cuda else platform.processor() or None,
+                  "date": datetime.now(timezone.utc).isoformat(timespec="seconds")},
         history=history,
     )
     return Model(network.to(memory_format=torch.contiguous_format), metadata)
-
