@@ -36,7 +36,8 @@ HERE = Path(__file__).parent
 ENV = {"PYTHONPATH": str(HERE.parent / "PSCVSegment"), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
 TWO_CLASSES = [ClassInfo("background", 0, (0, 0, 0)), ClassInfo("organ", 1, (230, 159, 0))]
 TINY = ["--method", "pscv", "--image-size", "32", "--device", "cpu", "--set", "widths=[8,16,32]",
-        "--set", "cv_gather=true", "--set", "learning_rate=0.05", "--quiet"]
+        "--set", "cv_gather=true", "--set", "learning_rate=0.05", "--set", "affinity_weight=0",
+        "--set", "pseudo_weight=0", "--quiet"]
 RESUMED = {"method": "pscv", "iterations": 24, "batch_size": 2, "image_size": 32, "device": "cpu",
            "widths": [8, 16, 32], "dropout": [0.2, 0.2, 0.2], "augment": "flip", "cv_gather": True,
            "learning_rate": 0.05}
