@@ -90,7 +90,7 @@ class PSCVSegmentParameterNode:
         a class's name and color are its point list's name and color.
     outputSegmentation - where the result goes; None creates a new segmentation.
     modelDirectory - a model folder to apply or fine-tune.
-    device, iterations - training settings.
+    device, iterations - training settings (iterations 0: the engine's budget for the device).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -98,7 +98,7 @@ class PSCVSegmentParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     modelDirectory: str = ""
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
-    iterations: Annotated[int, WithinRange(10, 200000)] = 3000
+    iterations: Annotated[int, WithinRange(0, 200000)] = 0
 
 
 class PSCVConnection:
@@ -548,7 +548,7 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
 
         logic = slicer.util.getModuleLogic("PSCVSegment")  # or PSCVSegmentLogic()
         segmentation = logic.segment(volumeNode, [backgroundPoints, liverPoints, kidneyPoints],
-                                     settings={"iterations": 3000, "device": "auto"})
+                                     settings={"device": "auto"})  # iterations: the device's budget
 
     Each point list is one class, named after it; the first is the background.
     """

@@ -467,8 +467,9 @@ def test_job_settings():
     assert viewer.job_settings("cuda:1")["device"] == "cuda:1"
     with pytest.raises(PSCVError, match="device 'tpu'"):
         viewer.job_settings("tpu")
+    assert viewer.job_settings("auto", 0) == {"device": "auto"}  # 0: the engine's budget for the device
     with pytest.raises(PSCVError, match="at least 1"):
-        viewer.job_settings("auto", 0)
+        viewer.job_settings("auto", -5)
 
 
 @pytest.mark.parametrize("event, fraction, text", [

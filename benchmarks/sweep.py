@@ -28,8 +28,9 @@ def run_one(config: dict, args) -> dict:
     """Train and evaluate one configuration in this process."""
     import torch
 
-    from pscv.bench import evaluate_model, grow_from_seeds, load_cases
+    from pscv.bench import grow_from_seeds, load_cases
     from pscv.classes import ACDC_CLASSES as classes
+    from pscv.inference import evaluate_cases
     from pscv.metrics import evaluate_case, mean_scores
     from pscv.segment import case_settings, segment_case
     from pscv.training import TrainSettings, train
@@ -41,7 +42,7 @@ def run_one(config: dict, args) -> dict:
     if args.mode == "cohort":
         train_cases = load_cases(Path(args.data), "train", 0)
         model = train(train_cases, classes, TrainSettings.from_dict(settings))
-        result = evaluate_model(model, val_cases, classes, args.device)
+        result = evaluate_cases(model, val_cases, args.device)
         scores = result["scores"]
     else:
         per_case, grown = [], []

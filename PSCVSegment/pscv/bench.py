@@ -61,32 +61,16 @@ def load_cases(data: Path, split: str, seed: int):
             load_acdc_split(data, split, seed)]
 
 
-def evaluate_model(model, cases, classes, device) -> dict:
-    """Per-class mean Dice/HD95 over the cases, and seconds per volume of inference."""
-    from .inference import predict_volume
-    from .metrics import evaluate_case, mean_scores
-
-    scores, seconds = [], []
-    for case in cases:
-        started = time.monotonic()
-        prediction = predict_volume(model, case.image, device)
-        seconds.append(time.monotonic() - started)
-        scores.append(evaluate_case(prediction, case.labels, classes, case.image.spacing[::-1]))
-    names = [c.name for c in classes if c.value != 0] + ["mean"]
-    return {"scores": {n: mean_scores([s[n] for s in scores]) for n in names},
-            "per_case": {case.name: s for case, s in zip(cases, scores)},
-            "inference_seconds_per_volume": float(np.mean(seconds))}
-
-
 def run_method(method, train_cases, val_cases, classes, settings_dict, out: Path, progress=None) -> dict:
     """Train one recipe of RECIPES, save its model, evaluate it on the val cases; kept in methods/<recipe>.json."""
+    from .inference import evaluate_cases
     from .models import save_model
     from .training import TrainSettings, train
 
     settings = TrainSettings.from_dict({**settings_dict, **RECIPES[method]})
     model = train(train_cases, classes, settings, progress)
     save_model(model, out / "models" / method)
-    result = evaluate_model(model, val_cases, classes, settings.device)
+    result = evaluate_cases(model, val_cases, settings.device)
     result.update(method=method, settings=settings.to_dict(), training=model.metadata["training"],
                   history=model.metadata["history"])
     write_text_atomic(out / "methods" / f"{method}.json", json.dumps(result, indent=1) + "\n")
@@ -171,7 +155,7 @@ def markdown_report(results: dict, single: dict | None, header: dict) -> str:
                   f"clicked; default budget {settings['iterations']} iterations at {settings['image_size']} px, "
                   f"{settings['method']} + affinity {settings['affinity_weight']} + pseudo-labels "
                   f"{settings['pseudo_weight']}, region margin {settings['roi_margin']})", "",
-                  "| case | clicks | pscv Dice | pscv s | Grow from seeds Dice | Grow from seeds s |",
+                  "| case | clicks | pscv segment Dice | pscv segment s | Grow from seeds Dice | Grow from seeds s |",
                   "|---|---|---|---|---|---|"]
         for row in single["cases"]:
             growcut = row.get("grow_from_seeds")

@@ -87,9 +87,9 @@ def load_training_cases(dataset_folder, method: str):
 def evaluate_model(model, dataset_folder, device="auto", progress=None) -> dict:
     """The Dice of `model` on the labelled cases of a dataset folder (images/ + labels/; points unused): per
     class (mean over cases) and their mean. The folder's classes must be the model's."""
-    from .inference import predict_volume
-    from .metrics import dice
+    from .inference import evaluate_cases
     from .segfiles import read_segmentation
+    from .training import TrainingCase
     from .volumes import read_image
 
     classes, entries = read_dataset(dataset_folder)
@@ -100,14 +100,11 @@ def evaluate_model(model, dataset_folder, device="auto", progress=None) -> dict:
     labelled = [entry for entry in entries if entry.labels is not None]
     if not labelled:
         raise PSCVError(f"{dataset_folder}: no labels/<case> files to validate on")
-    organs = [c for c in classes if c.value != 0]
-    scores = {c.name: [] for c in organs}
+    cases = []
     for entry in labelled:
         volume = read_image(entry.image)
-        truth = read_segmentation(entry.labels, classes, volume)
-        prediction = predict_volume(model, volume, device, progress=progress)
-        for c in organs:
-            scores[c.name].append(dice(prediction == c.value, truth == c.value))
-    per_class = {name: round(sum(values) / len(values), 4) for name, values in scores.items()}
-    return {"dataset": str(dataset_folder), "cases": len(labelled), "dice": per_class,
-            "mean_dice": round(sum(per_class.values()) / len(per_class), 4)}
+        cases.append(TrainingCase(volume, labels=read_segmentation(entry.labels, classes, volume), name=entry.name))
+    scores = evaluate_cases(model, cases, device, progress)["scores"]
+    return {"dataset": str(dataset_folder), "cases": len(labelled),
+            "dice": {name: round(s["dice"], 4) for name, s in scores.items() if name != "mean"},
+            "mean_dice": round(scores["mean"]["dice"], 4)}

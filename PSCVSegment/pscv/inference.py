@@ -55,3 +55,23 @@ def predict_volume(model: Model, volume: Volume, device="auto", batch_size: int 
     for start, probabilities in _slice_probabilities(model, volume, device, batch_size, progress, should_stop):
         output[start:start + probabilities.shape[1]] = values[probabilities.argmax(dim=0).cpu().numpy()]
     return np.moveaxis(output, 0, axis)
+
+
+def evaluate_cases(model: Model, cases, device="auto", progress=None) -> dict:
+    """Segment each case (`.image`, `.labels`, `.name`, e.g. `training.TrainingCase`) and score it against its
+    labels: per-class mean Dice and HD95 (`scores`, with their `mean`), `per_case`, and inference seconds per
+    volume."""
+    import time
+
+    from .metrics import evaluate_case, mean_scores
+
+    classes = model.classes
+    per_case, seconds = {}, []
+    for case in cases:
+        started = time.monotonic()
+        prediction = predict_volume(model, case.image, device, progress=progress)
+        seconds.append(time.monotonic() - started)
+        per_case[case.name] = evaluate_case(prediction, case.labels, classes, case.image.spacing[::-1])
+    names = [c.name for c in classes if c.value != 0] + ["mean"]
+    return {"scores": {n: mean_scores([s[n] for s in per_case.values()]) for n in names}, "per_case": per_case,
+            "inference_seconds_per_volume": float(np.mean(seconds))}

@@ -130,14 +130,15 @@ def write_job_inputs(directory, image_kji: np.ndarray, ijk_to_ras, classes: list
 
 
 def job_settings(device="auto", iterations=None, **extra) -> dict:
-    """The `settings` of a job from the module's Advanced section (device, iterations, other engine settings)."""
+    """The `settings` of a job from the module's Advanced section (device, iterations, other engine settings).
+    Iterations None or 0 leave the number to the engine (`pscv.segment.case_settings`: the device's budget)."""
     device = str(device or "auto").lower()
     if device not in DEVICES and not device.startswith("cuda:"):
         raise PSCVError(f"device {device!r}: choose one of {', '.join(DEVICES)}")
     settings = {"device": device}
-    if iterations is not None:
+    if iterations:
         if int(iterations) < 1:
-            raise PSCVError(f"iterations must be at least 1, got {iterations}")
+            raise PSCVError(f"iterations must be at least 1 (or 0 for the engine's default), got {iterations}")
         settings["iterations"] = int(iterations)
     settings.update(extra)
     return settings
