@@ -76,11 +76,6 @@ def geometry_from_ijk_to_ras(ijk_to_ras) -> tuple[np.ndarray, np.ndarray, np.nda
     return spacing, ijk_to_lps[:3, 3].copy(), direction
 
 
-def ijk_to_lps_matrix(ijk_to_ras) -> np.ndarray:
-    """IJK-to-LPS 4x4 matrix from the IJK-to-RAS matrix."""
-    return RAS_TO_LPS @ _matrix4(ijk_to_ras, "IJK-to-RAS")
-
-
 def ras_to_lps(points) -> np.ndarray:
     """Flip RAS points (N, 3) to LPS (and back: the flip is its own inverse)."""
     points = np.array(points, dtype=float, copy=True)
