@@ -81,13 +81,13 @@ def grow_from_seeds(volume, clicks) -> np.ndarray:
     """3D Slicer's Grow from seeds (FastGrowCut) from the same clicks: label map of class values."""
     import itk
 
+    from .intensity import DEFAULT_NORMALIZATION, normalize
+
     seeds = np.zeros(volume.shape, dtype=np.uint8)
     values = np.unique(clicks.values)
     lookup = {int(v): n + 1 for n, v in enumerate(values)}  # growcut: 0 = unlabelled
     seeds[tuple(clicks.kji.T)] = [lookup[int(v)] for v in clicks.values]
-    array = volume.array.astype(np.float32)
-    low, high = np.percentile(array, [0.5, 99.5])
-    scaled = np.clip((array - low) / max(high - low, 1e-6), 0, 1) * 1000  # FastGrowCut takes short integers
+    scaled = normalize(volume.array, DEFAULT_NORMALIZATION) * 1000  # FastGrowCut takes short integers
     image = itk.image_from_array(scaled.astype(np.int16))
     image.SetSpacing([float(s) for s in volume.spacing])
     seed_image = itk.image_from_array(seeds)

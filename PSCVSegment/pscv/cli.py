@@ -129,12 +129,19 @@ def _settings_overrides(args) -> dict:
         overrides["normalization"] = parse_normalization(args.normalize)
     if getattr(args, "roi_margin", None) is not None:
         overrides["roi_margin"] = _parse_roi_margin(args.roi_margin)
-    for item in args.set:
+    overrides.update(_parse_set(args.set))
+    return overrides
+
+
+def _parse_set(items: list[str]) -> dict:
+    """`--set KEY=VALUE` options -> {key: value}, values read as JSON where they are JSON."""
+    settings = {}
+    for item in items:
         key, separator, value = item.partition("=")
         if not separator or not key:
             raise PSCVError(f"--set {item!r}: expected KEY=VALUE, e.g. --set cv_weight=0.05")
-        overrides[key.strip()] = _parse_value(value.strip())
-    return overrides
+        settings[key.strip()] = _parse_value(value.strip())
+    return settings
 
 
 def _add_segment(subparsers):
@@ -540,12 +547,7 @@ def _add_bench(subparsers):
 def _run_bench(args):
     from .bench import run_acdc_benchmark
 
-    overrides = {}
-    for item in args.set:
-        key, separator, value = item.partition("=")
-        if not separator:
-            raise PSCVError(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key.strip()] = _parse_value(value.strip())
+    overrides = _parse_set(args.set)
     methods = [] if args.methods == "none" else [m.strip() for m in args.methods.split(",") if m.strip()]
     run_acdc_benchmark(args.data, args.out, profile=args.profile, methods=methods, device=args.device, seed=args.seed,
                        iterations=args.iterations, single_case_volumes=args.single_case_volumes,

@@ -69,11 +69,10 @@ def segment_case(volume: Volume, clicks: Clicks, classes: list[ClassInfo], setti
     (`click_region`); outside it, everything is background.
     """
     settings = settings or case_settings()
-    roi_margin = settings.roi_margin
-    if roi_margin is None:
+    if settings.roi_margin is None:
         model = train([TrainingCase(volume, clicks, name="case")], classes, settings, progress, should_stop)
         return predict_volume(model, volume, settings.device, progress=progress, should_stop=should_stop), model
-    region = click_region(clicks, volume, roi_margin)
+    region = click_region(clicks, volume, settings.roi_margin)
     start = np.array([r.start for r in region])
     stop = np.array([r.stop for r in region])
     inside = np.all((clicks.kji >= start) & (clicks.kji < stop), axis=1)
@@ -84,6 +83,7 @@ def segment_case(volume: Volume, clicks: Clicks, classes: list[ClassInfo], setti
     cropped = Volume(np.ascontiguousarray(volume.array[region]), volume.spacing, volume.index_to_lps(start[::-1]),
                      volume.direction)
     model = train([TrainingCase(cropped, cropped_clicks, name="case")], classes, settings, progress, should_stop)
-    labelmap = np.zeros(volume.shape, dtype=np.uint8 if max(c.value for c in classes) <= 255 else np.uint16)
-    labelmap[region] = predict_volume(model, cropped, settings.device, progress=progress, should_stop=should_stop)
+    inside_labels = predict_volume(model, cropped, settings.device, progress=progress, should_stop=should_stop)
+    labelmap = np.zeros(volume.shape, dtype=inside_labels.dtype)
+    labelmap[region] = inside_labels
     return labelmap, model
