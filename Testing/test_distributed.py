@@ -26,10 +26,11 @@ from pscv import PSCVError
 from pscv.checkpoints import CHECKPOINT, read_state
 from pscv.classes import ClassInfo, write_classes
 from pscv.clicks import Clicks, simulate_clicks, write_markups
+from pscv.dataset import Case
 from pscv.distributed import Processes, shard
 from pscv.models import load_model
 from pscv.progress import Cancelled
-from pscv.training import TrainingCase, TrainSettings, train
+from pscv.training import TrainSettings, train
 from pscv.volumes import Volume, write_image
 
 HERE = Path(__file__).parent
@@ -162,7 +163,7 @@ def test_a_stopped_two_process_run_resumes_to_where_the_uninterrupted_run_ends(t
 
 def tiny_case():
     volume, labels = two_organ_volume(slices=4, size=32)
-    return [TrainingCase(volume, simulate_clicks(labels, seed=0))]
+    return [Case(volume, simulate_clicks(labels, seed=0))]
 
 
 TINY_SETTINGS = {"method": "pscv", "image_size": 32, "batch_size": 3, "device": "cpu", "widths": (8, 16, 32),
@@ -211,7 +212,7 @@ def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(stopped_run)
         train(cases, CLASSES, TrainSettings(**{**settings.to_dict(), "learning_rate": 0.1}), resume=checkpoint)
     with pytest.raises(PSCVError, match=r"data set of 4 slices and 12 clicks in the checkpoint, 3 slices"):
         volume, labels = two_organ_volume(slices=3, size=32)
-        train([TrainingCase(volume, simulate_clicks(labels, 0))], CLASSES, settings, resume=checkpoint)
+        train([Case(volume, simulate_clicks(labels, 0))], CLASSES, settings, resume=checkpoint)
     # The device may change: a CPU checkpoint continues anywhere (not checked here: there is no GPU).
     assert "device" not in read_state(checkpoint)["run"]["settings"]
 

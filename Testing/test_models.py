@@ -9,9 +9,10 @@ from synthetic import CLASSES, two_organ_volume
 from pscv import PSCVError, __version__
 from pscv.classes import ClassInfo
 from pscv.clicks import simulate_clicks
+from pscv.dataset import Case
 from pscv.inference import predict_volume
 from pscv.models import load_model, save_model
-from pscv.training import TrainingCase, TrainSettings, train
+from pscv.training import TrainSettings, train
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def model_and_volume():
     volume, labels = two_organ_volume(slices=3, size=32)
     settings = TrainSettings(method="pce", iterations=3, image_size=32, batch_size=2, device="cpu",
                              widths=(8, 16, 32, 64, 128), normalization={"mode": "window", "low": 0, "high": 1000})
-    return train([TrainingCase(volume, simulate_clicks(labels, 0))], CLASSES, settings), volume
+    return train([Case(volume, simulate_clicks(labels, 0))], CLASSES, settings), volume
 
 
 def test_round_trip_keeps_weights_metadata_and_predictions(tmp_path, model_and_volume):

@@ -7,10 +7,11 @@ from synthetic import CLASSES, two_organ_volume
 
 from pscv import PSCVError
 from pscv.clicks import Clicks, simulate_clicks
+from pscv.dataset import Case
 from pscv.inference import predict_probabilities, predict_volume
 from pscv.metrics import dice
 from pscv.segment import border_background_clicks, click_region, segment_case
-from pscv.training import TrainingCase, TrainSettings, case_tensors, scale_coordinates, train
+from pscv.training import TrainSettings, case_tensors, scale_coordinates, train
 
 torch.set_num_threads(2)
 # The loss mechanics alone: the affinity and pseudo-label terms (on by default) are tested on their own below.
@@ -49,7 +50,7 @@ def test_training_tensors_keep_every_click_and_only_clicked_slices():
     clicks = simulate_clicks(labels, seed=0)
     keep = clicks.kji[:, 0] != 1  # slice 1 unclicked
     clicks = Clicks(clicks.kji[keep], clicks.values[keep])
-    tensors = case_tensors(TrainingCase(volume, clicks), CLASSES, TrainSettings(method="pce", **TINY))
+    tensors = case_tensors(Case(volume, clicks), CLASSES, TrainSettings(method="pce", **TINY))
     assert tensors.images.shape == (4, 1, 32, 32)
     assert int((tensors.sparse != 255).sum()) == len(clicks)
     assert tensors.present.all()
@@ -58,7 +59,7 @@ def test_training_tensors_keep_every_click_and_only_clicked_slices():
 @pytest.mark.parametrize("method", ["pce", "pscv", "ms", "full"])
 def test_tiny_end_to_end_train_and_predict(method):
     volume, labels = two_organ_volume()
-    case = TrainingCase(volume, simulate_clicks(labels, seed=0), labels, "synthetic")
+    case = Case(volume, simulate_clicks(labels, seed=0), labels, "synthetic")
     model = train([case], CLASSES, TrainSettings(method=method, iterations=60, learning_rate=0.05, **TINY))
     history = model.metadata["history"]
     assert history[-1]["loss"] < history[0]["loss"]
@@ -72,7 +73,7 @@ def test_tiny_end_to_end_train_and_predict(method):
 
 def test_affinity_and_pseudo_label_terms_train_and_report():
     volume, labels = two_organ_volume()
-    case = TrainingCase(volume, simulate_clicks(labels, seed=0))
+    case = Case(volume, simulate_clicks(labels, seed=0))
     settings = TrainSettings(**{**TINY, "method": "pscv", "iterations": 40, "learning_rate": 0.05,
                                 "affinity_weight": 1.0, "pseudo_weight": 1.0, "pseudo_start": 0.5,
                                 "pseudo_threshold": 0.5, "cv_map": "probability", "cv_pool": 4})
@@ -83,7 +84,7 @@ def test_affinity_and_pseudo_label_terms_train_and_report():
 
 def test_same_seed_same_model():
     volume, labels = two_organ_volume(slices=4, size=32)
-    case = TrainingCase(volume, simulate_clicks(labels, seed=0))
+    case = Case(volume, simulate_clicks(labels, seed=0))
     settings = TrainSettings(method="pscv", iterations=5, **TINY)
     first, second = train([case], CLASSES, settings), train([case], CLASSES, settings)
     for a, b in zip(first.network.state_dict().values(), second.network.state_dict().values()):
@@ -101,7 +102,7 @@ def test_prediction_follows_the_slice_axis_of_the_largest_spacing():
     moved_labels = np.moveaxis(labels, 0, 2)
     assert moved.slice_axis() == 2
     clicks = simulate_clicks(moved_labels, seed=0, slice_axis=2)
-    model = train([TrainingCase(moved, clicks)], CLASSES,
+    model = train([Case(moved, clicks)], CLASSES,
                   TrainSettings(method="pce", iterations=60, learning_rate=0.05, **TINY))
     prediction = predict_volume(model, moved, "cpu")
     assert prediction.shape == moved_labels.shape
@@ -113,13 +114,13 @@ def test_training_refuses_clicks_of_one_class_only():
     clicks = simulate_clicks(labels, seed=0)
     only_background = Clicks(clicks.kji[clicks.values == 0], clicks.values[clicks.values == 0])
     with pytest.raises(PSCVError, match="background and on at least one organ"):
-        train([TrainingCase(volume, only_background)], CLASSES, TrainSettings(iterations=1, **TINY))
+        train([Case(volume, only_background)], CLASSES, TrainSettings(iterations=1, **TINY))
 
 
 def test_full_needs_labels():
     volume, labels = two_organ_volume(slices=3, size=32)
     with pytest.raises(PSCVError, match="dense labels"):
-        train([TrainingCase(volume, simulate_clicks(labels, 0))], CLASSES,
+        train([Case(volume, simulate_clicks(labels, 0))], CLASSES,
               TrainSettings(method="full", iterations=1, **TINY))
 
 
@@ -134,7 +135,7 @@ def test_cancel_stops_training_at_the_next_step():
 
     steps = []
     with pytest.raises(Cancelled):
-        train([TrainingCase(volume, simulate_clicks(labels, 0))], CLASSES, TrainSettings(iterations=1000, **TINY),
+        train([Case(volume, simulate_clicks(labels, 0))], CLASSES, TrainSettings(iterations=1000, **TINY),
               progress=lambda event: steps.append(event.get("step")), should_stop=lambda: len(steps) > 3)
     assert len(steps) <= 5
 

@@ -19,7 +19,8 @@ def one(args) -> dict:
 
     from pscv.classes import ACDC_CLASSES
     from pscv.clicks import simulate_clicks
-    from pscv.training import TrainingCase, TrainSettings, train
+    from pscv.dataset import Case
+    from pscv.training import TrainSettings, train
     from pscv.volumes import Volume
 
     rng = np.random.default_rng(0)
@@ -27,7 +28,7 @@ def one(args) -> dict:
     volume = Volume(rng.random(labels.shape).astype(np.float32))
     settings = TrainSettings(method=args.method, iterations=args.iterations, image_size=args.image_size,
                              batch_size=args.batch_size, device=args.device)
-    model = train([TrainingCase(volume, simulate_clicks(labels, 0), labels)], ACDC_CLASSES, settings)
+    model = train([Case(volume, simulate_clicks(labels, 0), labels)], ACDC_CLASSES, settings)
     seconds = model.metadata["training"]["seconds"]
     return {"seconds_per_iteration": seconds / args.iterations,
             "images_per_second": model.metadata["training"]["images_per_second"]}

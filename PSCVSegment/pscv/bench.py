@@ -55,9 +55,9 @@ def machine_description(device) -> str:
 def load_cases(data: Path, split: str, seed: int):
     """The cases of one split, in memory, with the clicks `pscv prepare-acdc` writes for the same seed."""
     from .acdc import load_acdc_split
-    from .training import TrainingCase
+    from .dataset import Case
 
-    return [TrainingCase(volume, clicks, labels, name) for name, volume, clicks, labels in
+    return [Case(volume, clicks, labels, name) for name, volume, clicks, labels in
             load_acdc_split(data, split, seed)]
 
 

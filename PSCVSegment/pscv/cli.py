@@ -350,7 +350,8 @@ def _run_train(args):
     import warnings
 
     from .checkpoints import CHECKPOINT
-    from .dataset import evaluate_model, load_training_cases
+    from .dataset import load_training_cases
+    from .inference import evaluate_model
     from .models import save_model
     from .progress import Cancelled
     from .training import train

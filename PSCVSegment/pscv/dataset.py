@@ -13,18 +13,35 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from . import PSCVError
 from .classes import ClassInfo, read_classes
+from .clicks import Clicks, read_clicks
+from .segfiles import read_segmentation
+from .volumes import Volume, read_image
 
 IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii.gz", ".nii", ".mha", ".mhd")
 
 
 @dataclass
 class DatasetCase:
+    """Where one case of a dataset folder lies on disk."""
+
     name: str
     image: Path
     points: Path | None
     labels: Path | None
+
+
+@dataclass
+class Case:
+    """One case in memory, for training or evaluation: its image, clicks and/or dense labels, and name."""
+
+    image: Volume
+    clicks: Clicks | None = None
+    labels: np.ndarray | None = None  # dense class values [k, j, i]; for `full` and evaluation
+    name: str = ""
 
 
 def case_name(path: Path) -> str | None:
@@ -60,51 +77,20 @@ def read_dataset(folder: str | Path) -> tuple[list[ClassInfo], list[DatasetCase]
     return classes, cases
 
 
-def load_training_cases(dataset_folder, method: str):
-    """(classes, [TrainingCase]) of a dataset folder: cases with points, or with labels for `full`."""
-    from .clicks import read_clicks
-    from .segfiles import read_segmentation
-    from .training import TrainingCase
-    from .volumes import read_image
+def load_case(entry: DatasetCase, classes: list[ClassInfo], points: bool = True, labels: bool = False) -> Case:
+    """Read one case of a dataset folder: its image, and its clicks and/or dense labels."""
+    volume = read_image(entry.image)
+    return Case(volume, read_clicks([entry.points], volume, classes) if points else None,
+                read_segmentation(entry.labels, classes, volume) if labels else None, entry.name)
 
+
+def load_training_cases(dataset_folder, method: str) -> tuple[list[ClassInfo], list[Case]]:
+    """(classes, [Case]) of a dataset folder: cases with points, or with labels for `full`."""
     classes, entries = read_dataset(dataset_folder)
-    cases = []
-    for entry in entries:
-        if method == "full" and entry.labels is None or method != "full" and entry.points is None:
-            continue
-        volume = read_image(entry.image)
-        if method == "full":
-            labels = read_segmentation(entry.labels, classes, volume)
-            cases.append(TrainingCase(volume, labels=labels, name=entry.name))
-        else:
-            cases.append(TrainingCase(volume, read_clicks([entry.points], volume, classes), name=entry.name))
+    full = method == "full"
+    cases = [load_case(entry, classes, points=not full, labels=full) for entry in entries
+             if (entry.labels if full else entry.points) is not None]
     if not cases:
-        need = "labels/<case> files" if method == "full" else "points/<case>.mrk.json files"
+        need = "labels/<case> files" if full else "points/<case>.mrk.json files"
         raise PSCVError(f"{dataset_folder}: no case to train on (method {method} needs {need})")
     return classes, cases
-
-
-def evaluate_model(model, dataset_folder, device="auto", progress=None) -> dict:
-    """The Dice of `model` on the labelled cases of a dataset folder (images/ + labels/; points unused): per
-    class (mean over cases) and their mean. The folder's classes must be the model's."""
-    from .inference import evaluate_cases
-    from .segfiles import read_segmentation
-    from .training import TrainingCase
-    from .volumes import read_image
-
-    classes, entries = read_dataset(dataset_folder)
-    expected = [(c.name.lower(), c.value) for c in model.classes]
-    if [(c.name.lower(), c.value) for c in classes] != expected:
-        raise PSCVError(f"{Path(dataset_folder) / 'classes.json'}: the classes differ from the model's "
-                        f"{[f'{n}={v}' for n, v in expected]}; validate on a data set of the same classes")
-    labelled = [entry for entry in entries if entry.labels is not None]
-    if not labelled:
-        raise PSCVError(f"{dataset_folder}: no labels/<case> files to validate on")
-    cases = []
-    for entry in labelled:
-        volume = read_image(entry.image)
-        cases.append(TrainingCase(volume, labels=read_segmentation(entry.labels, classes, volume), name=entry.name))
-    scores = evaluate_cases(model, cases, device, progress)["scores"]
-    return {"dataset": str(dataset_folder), "cases": len(labelled),
-            "dice": {name: round(s["dice"], 4) for name, s in scores.items() if name != "mean"},
-            "mean_dice": round(scores["mean"]["dice"], 4)}

@@ -4,10 +4,14 @@ grid, all slices of a volume in batches."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import PSCVError
+from .dataset import load_case, read_dataset
 from .devices import resolve_device
 from .intensity import normalize
 from .models import Model
@@ -58,7 +62,7 @@ def predict_volume(model: Model, volume: Volume, device="auto", batch_size: int 
 
 
 def evaluate_cases(model: Model, cases, device="auto", progress=None) -> dict:
-    """Segment each case (`.image`, `.labels`, `.name`, e.g. `training.TrainingCase`) and score it against its
+    """Segment each case (`.image`, `.labels`, `.name`: a `dataset.Case`) and score it against its
     labels: per-class mean Dice and HD95 (`scores`, with their `mean`), `per_case`, and inference seconds per
     volume."""
     import time
@@ -75,3 +79,21 @@ def evaluate_cases(model: Model, cases, device="auto", progress=None) -> dict:
     names = [c.name for c in classes if c.value != 0] + ["mean"]
     return {"scores": {n: mean_scores([s[n] for s in per_case.values()]) for n in names}, "per_case": per_case,
             "inference_seconds_per_volume": float(np.mean(seconds))}
+
+
+def evaluate_model(model: Model, dataset_folder, device="auto", progress=None) -> dict:
+    """The Dice of `model` on the labelled cases of a dataset folder (images/ + labels/; points unused): per
+    class (mean over cases) and their mean. The folder's classes must be the model's."""
+    classes, entries = read_dataset(dataset_folder)
+    expected = [(c.name.lower(), c.value) for c in model.classes]
+    if [(c.name.lower(), c.value) for c in classes] != expected:
+        raise PSCVError(f"{Path(dataset_folder) / 'classes.json'}: the classes differ from the model's "
+                        f"{[f'{n}={v}' for n, v in expected]}; validate on a data set of the same classes")
+    labelled = [entry for entry in entries if entry.labels is not None]
+    if not labelled:
+        raise PSCVError(f"{dataset_folder}: no labels/<case> files to validate on")
+    cases = [load_case(entry, classes, points=False, labels=True) for entry in labelled]
+    scores = evaluate_cases(model, cases, device, progress)["scores"]
+    return {"dataset": str(dataset_folder), "cases": len(labelled),
+            "dice": {name: round(s["dice"], 4) for name, s in scores.items() if name != "mean"},
+            "mean_dice": round(scores["mean"]["dice"], 4)}

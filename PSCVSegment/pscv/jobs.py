@@ -641,7 +641,8 @@ def _run_finetune(job: Job, events: Events, should_stop) -> None:
     """Train further, from the model's weights, on this case's clicks; then segment the case."""
     from dataclasses import fields
 
-    from .training import TrainingCase, TrainSettings
+    from .dataset import Case
+    from .training import TrainSettings
 
     model = _load_job_model(job)
     known = {f.name for f in fields(TrainSettings)}
@@ -658,7 +659,7 @@ def _run_finetune(job: Job, events: Events, should_stop) -> None:
             settings["batch_size"] = batch_size
         return TrainSettings.from_dict(settings)
 
-    tuned = _train(job, events, should_stop, [TrainingCase(volume, clicks, name="case")], model.classes,
+    tuned = _train(job, events, should_stop, [Case(volume, clicks, name="case")], model.classes,
                    make_settings, initial=model)
     _check_stop(should_stop)
     _save_model(job, tuned)

@@ -6,10 +6,11 @@ import numpy as np
 
 from .classes import ClassInfo
 from .clicks import Clicks
+from .dataset import Case
 from .devices import resolve_device
 from .inference import predict_volume
 from .models import Model
-from .training import TrainingCase, TrainSettings, train
+from .training import TrainSettings, train
 from .volumes import Volume
 
 # What worked best for one case on the ACDC val volumes (BENCHMARKS.md): train only around the organ clicks,
@@ -70,7 +71,7 @@ def segment_case(volume: Volume, clicks: Clicks, classes: list[ClassInfo], setti
     """
     settings = settings or case_settings()
     if settings.roi_margin is None:
-        model = train([TrainingCase(volume, clicks, name="case")], classes, settings, progress, should_stop)
+        model = train([Case(volume, clicks, name="case")], classes, settings, progress, should_stop)
         return predict_volume(model, volume, settings.device, progress=progress, should_stop=should_stop), model
     region = click_region(clicks, volume, settings.roi_margin)
     start = np.array([r.start for r in region])
@@ -82,7 +83,7 @@ def segment_case(volume: Volume, clicks: Clicks, classes: list[ClassInfo], setti
                             np.concatenate([clicks.values[inside], np.zeros(len(ring), dtype=np.int64)]))
     cropped = Volume(np.ascontiguousarray(volume.array[region]), volume.spacing, volume.index_to_lps(start[::-1]),
                      volume.direction)
-    model = train([TrainingCase(cropped, cropped_clicks, name="case")], classes, settings, progress, should_stop)
+    model = train([Case(cropped, cropped_clicks, name="case")], classes, settings, progress, should_stop)
     inside_labels = predict_volume(model, cropped, settings.device, progress=progress, should_stop=should_stop)
     labelmap = np.zeros(volume.shape, dtype=inside_labels.dtype)
     labelmap[region] = inside_labels

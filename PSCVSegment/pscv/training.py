@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from . import PSCVError, checkpoints, distributed
 from .classes import ClassInfo
-from .clicks import Clicks
+from .dataset import Case
 from .distributed import gather_batch
 from .intensity import DEFAULT_NORMALIZATION, normalize
 from .losses import (
@@ -47,7 +47,6 @@ from .losses import (
 from .models import Model, build_metadata, build_network
 from .network import DEFAULT_DROPOUT, DEFAULT_WIDTHS
 from .progress import Cancelled, Reporter
-from .volumes import Volume
 
 METHODS = ("pscv", "pce", "ms", "full")
 
@@ -121,14 +120,6 @@ class TrainSettings:
 
 
 @dataclass
-class TrainingCase:
-    image: Volume
-    clicks: Clicks | None = None
-    labels: np.ndarray | None = None  # dense class values [k, j, i]; for `full` only
-    name: str = ""
-
-
-@dataclass
 class TrainingTensors:
     images: torch.Tensor  # (N, 1, S, S) normalised
     sparse: torch.Tensor  # (N, S, S) uint8 class indices, IGNORE where unclicked
@@ -147,7 +138,7 @@ def scale_coordinates(coordinates: np.ndarray, extent: int, size: int) -> np.nda
     return np.clip(np.floor((coordinates + 0.5) * size / extent), 0, size - 1).astype(np.int64)
 
 
-def case_tensors(case: TrainingCase, classes: list[ClassInfo], settings: TrainSettings) -> TrainingTensors:
+def case_tensors(case: Case, classes: list[ClassInfo], settings: TrainSettings) -> TrainingTensors:
     """The training slices of one case: slices with clicks (or every slice with labels for `full`)."""
     index_of = {c.value: n for n, c in enumerate(classes)}
     axis = case.image.slice_axis()
@@ -279,7 +270,7 @@ def poly_learning_rate(settings: TrainSettings, step: int) -> float:
     return settings.learning_rate * (1 - step / settings.iterations) ** 0.9
 
 
-def train(cases: list[TrainingCase], classes: list[ClassInfo], settings: TrainSettings | None = None,
+def train(cases: list[Case], classes: list[ClassInfo], settings: TrainSettings | None = None,
           progress=None, should_stop=None, initial: Model | None = None, checkpoint_dir=None,
           checkpoint_every: int = 0, resume=None) -> Model:
     """Train a U-Net on the cases' clicks (or labels for `full`); returns the model with its metadata.
