@@ -570,13 +570,13 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def describeEvent(event):
-        from pscv.viewer import describe_event
+        from pscv.slicer_inputs import describe_event
 
         return describe_event(event)
 
     @staticmethod
     def jobSettings(device="auto", iterations=None, **extra):
-        from pscv.viewer import job_settings
+        from pscv.slicer_inputs import job_settings
 
         return job_settings(device, iterations, **extra)
 
@@ -584,13 +584,13 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def newClassNames(existingNames):
-        from pscv.viewer import new_class_names
+        from pscv.slicer_inputs import new_class_names
 
         return new_class_names(existingNames)
 
     def addClassPointList(self, name, value):
         """A new point list for the class with label `value` (0: background), colored like the engine colors it."""
-        from pscv.classes import DEFAULT_COLORS
+        from pscv.data.classes import DEFAULT_COLORS
 
         node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
         node.CreateDefaultDisplayNodes()
@@ -617,7 +617,7 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
 
     def classesFromPointLists(self, pointListNodes):
         """`pscv.classes.ClassInfo` list from the point lists in table order (names, colors, values 0, 1, ...)."""
-        from pscv.viewer import classes_from_names
+        from pscv.slicer_inputs import classes_from_names
 
         return classes_from_names([node.GetName() for node in pointListNodes],
                                   [self.pointListColor(node) for node in pointListNodes])
@@ -637,7 +637,7 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def pointListData(node):
         """The defined control points of a point list as `pscv.viewer.PointList` (world RAS)."""
-        from pscv.viewer import PointList
+        from pscv.slicer_inputs import PointList
 
         positions, labels = [], []
         for index in range(node.GetNumberOfControlPoints()):
@@ -672,7 +672,7 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
 
     def pointsToVoxels(self, volumeNode, pointListNode):
         """Voxel indices [k, j, i] of the defined points of a point list (the numpy array order)."""
-        from pscv.geometry import world_to_kji
+        from pscv.data.geometry import world_to_kji
 
         data = self.pointListData(pointListNode)
         rasToIjk = np.linalg.inv(self.ijkToRasMatrix(volumeNode))
@@ -687,7 +687,7 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
         points, taken from world RAS through the inverse parent transform to voxels, written in the
         image's LPS; classes.json: names, colors and label values in table order.
         """
-        from pscv.viewer import write_job_inputs
+        from pscv.slicer_inputs import write_job_inputs
 
         if volumeNode is None or not volumeNode.IsA("vtkMRMLScalarVolumeNode"):
             raise ValueError("Select a scalar volume (CT or MRI) as input.")
@@ -702,7 +702,7 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
 
     def jobClient(self, connection=None):
         """`pscv.client.JobClient` for a remote server or a local worker (Slicer's Python or the chosen one)."""
-        from pscv.client import JobClient
+        from pscv.jobs.client import JobClient
 
         connection = connection or self.connectionFromSettings()
         if connection.remote:
@@ -812,7 +812,7 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
         return [segmentation.GetNthSegment(index).GetName() for index in range(segmentation.GetNumberOfSegments())]
 
     def segmentsToReplace(self, segmentationNode, classesOrNames):
-        from pscv.viewer import segments_to_replace
+        from pscv.slicer_inputs import segments_to_replace
 
         return segments_to_replace(self.segmentNames(segmentationNode), classesOrNames)
 
@@ -885,9 +885,9 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
 
     def exportDicomSeg(self, segmentationNode, volumeNode, path):
         """DICOM-SEG through the engine's writer (highdicom), referencing the volume's DICOM series."""
-        from pscv.geometry import volume_from_ijk_to_ras
-        from pscv.segfiles import write_dicom_seg
-        from pscv.viewer import classes_from_names
+        from pscv.data.geometry import volume_from_ijk_to_ras
+        from pscv.data.segmentations import write_dicom_seg
+        from pscv.slicer_inputs import classes_from_names
 
         uids = self.dicomInstanceUids(volumeNode)
         if not uids:
@@ -998,7 +998,7 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
         import importlib.metadata
         import importlib.util
 
-        from pscv.viewer import highdicom_requirement
+        from pscv.slicer_inputs import highdicom_requirement
 
         if importlib.util.find_spec("highdicom") is not None:
             return True
@@ -1047,7 +1047,7 @@ class PSCVSegmentTest(ScriptedLoadableModuleTest):
 
     @staticmethod
     def _pointList(name, kjiPoints, ijkToRas, localToWorld=None):
-        from pscv.geometry import kji_to_world
+        from pscv.data.geometry import kji_to_world
 
         node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
         node.CreateDefaultDisplayNodes()
@@ -1056,9 +1056,9 @@ class PSCVSegmentTest(ScriptedLoadableModuleTest):
         return node
 
     def test_points_land_on_voxels_under_a_transform(self):
-        from pscv.classes import read_classes
-        from pscv.clicks import read_clicks
-        from pscv.volumes import read_image
+        from pscv.data.classes import read_classes
+        from pscv.data.clicks import read_clicks
+        from pscv.data.volumes import read_image
 
         self.delayDisplay("Points on an oblique, transformed volume")
         logic = PSCVSegmentLogic()

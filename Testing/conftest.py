@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pscv.classes import ClassInfo, write_classes
-from pscv.clicks import simulate_clicks, write_markups
-from pscv.volumes import Volume, write_image
+from pscv.data.classes import ClassInfo, write_classes
+from pscv.data.clicks import simulate_clicks, write_markups
+from pscv.data.volumes import Volume, write_image
 
 TINY_CLASSES = [ClassInfo("background", 0, (0, 0, 0)), ClassInfo("organ", 1, (230, 159, 0))]
 # A two-level U-Net of 4 and 8 channels on 32x32 slices: each iteration takes milliseconds on a CPU.

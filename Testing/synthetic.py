@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from pscv.classes import ClassInfo
-from pscv.volumes import Volume
+from pscv.data.classes import ClassInfo
+from pscv.data.volumes import Volume
 
 CLASSES = [ClassInfo("background", 0, (0, 0, 0)), ClassInfo("disk", 1, (230, 159, 0)),
            ClassInfo("box", 2, (86, 180, 233))]

@@ -20,9 +20,9 @@ from scipy.spatial.transform import Rotation
 from slicerio.markups import fcsv_to_markups_json
 
 from pscv import PSCVError
-from pscv.classes import ClassInfo
-from pscv.clicks import Clicks, markups_document, read_clicks, read_markups, write_markups
-from pscv.volumes import Volume, read_image
+from pscv.data.classes import ClassInfo
+from pscv.data.clicks import Clicks, markups_document, read_clicks, read_markups, write_markups
+from pscv.data.volumes import Volume, read_image
 
 DATA = Path(__file__).parent / "Data" / "formats"
 CT = DATA / "slicerio" / "CTChest4.nrrd"

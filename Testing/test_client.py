@@ -8,10 +8,11 @@ import time
 import pytest
 from conftest import TINY_SETTINGS
 
-from pscv import PSCVError, jobs
-from pscv.client import JobClient
-from pscv.models import load_model
-from pscv.segfiles import read_segmentation
+from pscv import PSCVError
+from pscv.data.segmentations import read_segmentation
+from pscv.jobs import folder as jobs
+from pscv.jobs.client import JobClient
+from pscv.learn.models import load_model
 
 # One torch thread per worker: on a busy 2-core machine more threads mostly wait for each other.
 ENV = {"OMP_NUM_THREADS": "1"}

@@ -20,9 +20,9 @@ import slicerio
 from dicom_series_helper import write_ct_series
 
 from pscv import PSCVError, __version__
-from pscv.classes import ClassInfo
-from pscv.segfiles import read_segmentation, write_dicom_seg, write_segmentation
-from pscv.volumes import read_image
+from pscv.data.classes import ClassInfo
+from pscv.data.segmentations import read_segmentation, write_dicom_seg, write_segmentation
+from pscv.data.volumes import read_image
 
 DATA = Path(__file__).parent / "Data" / "formats"
 DCMQI = DATA / "dcmqi"

@@ -23,15 +23,15 @@ import torch
 from synthetic import CLASSES, two_organ_volume
 
 from pscv import PSCVError
-from pscv.checkpoints import CHECKPOINT, read_state
-from pscv.classes import ClassInfo, write_classes
-from pscv.clicks import Clicks, simulate_clicks, write_markups
-from pscv.dataset import Case
-from pscv.distributed import Processes, shard
-from pscv.models import load_model
-from pscv.progress import Cancelled
-from pscv.training import TrainSettings, train
-from pscv.volumes import Volume, write_image
+from pscv.base.progress import Cancelled
+from pscv.data.classes import ClassInfo, write_classes
+from pscv.data.clicks import Clicks, simulate_clicks, write_markups
+from pscv.data.dataset import Case
+from pscv.data.volumes import Volume, write_image
+from pscv.learn.checkpoints import CHECKPOINT, read_state
+from pscv.learn.distributed import Processes, shard
+from pscv.learn.models import load_model
+from pscv.learn.training import TrainSettings, train
 
 HERE = Path(__file__).parent
 ENV = {"PYTHONPATH": str(HERE.parent / "PSCVSegment"), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
@@ -116,7 +116,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(one_and_two_
 
 def weights_at_start(root) -> dict:
     """The network both runs started from (seed 0), for the check that they moved."""
-    from pscv.models import build_network
+    from pscv.learn.models import build_network
 
     torch.manual_seed(0)
     return build_network(load_model(root / "one").metadata["network"]).state_dict()
@@ -257,7 +257,7 @@ def test_nproc_errors_are_one_line_before_any_process_starts(tmp_path):
 
 
 def test_rank_and_world_come_from_torchrun_s_environment(monkeypatch):
-    from pscv.distributed import from_environment
+    from pscv.learn.distributed import from_environment
 
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)

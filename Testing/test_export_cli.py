@@ -11,9 +11,9 @@ import numpy as np
 import slicerio
 
 from pscv import cli
-from pscv.classes import ClassInfo, write_classes
-from pscv.segfiles import read_segmentation, segmentation_classes
-from pscv.volumes import read_image
+from pscv.data.classes import ClassInfo, write_classes
+from pscv.data.segmentations import read_segmentation, segmentation_classes
+from pscv.data.volumes import read_image
 
 DATA = Path(__file__).parent / "Data" / "formats"
 CT = DATA / "slicerio" / "CTChest4.nrrd"

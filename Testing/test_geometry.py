@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pscv import PSCVError, geometry
+from pscv import PSCVError
+from pscv.data import geometry
 
 DATA = Path(__file__).parent / "Data" / "formats"
 CT = DATA / "slicerio" / "CTChest4.nrrd"  # written by 3D Slicer (slicerio test data)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pscv.losses import (
+from pscv.learn.losses import (
     IGNORE,
     class_means,
     contrastive_variance,

@@ -7,12 +7,12 @@ import torch
 from synthetic import CLASSES, two_organ_volume
 
 from pscv import PSCVError, __version__
-from pscv.classes import ClassInfo
-from pscv.clicks import simulate_clicks
-from pscv.dataset import Case
-from pscv.inference import predict_volume
-from pscv.models import load_model, save_model
-from pscv.training import TrainSettings, train
+from pscv.data.classes import ClassInfo
+from pscv.data.clicks import simulate_clicks
+from pscv.data.dataset import Case
+from pscv.learn.inference import predict_volume
+from pscv.learn.models import load_model, save_model
+from pscv.learn.training import TrainSettings, train
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,15 @@ import slicerio
 from scipy.spatial.transform import Rotation
 
 from pscv import PSCVError
-from pscv.classes import ClassInfo
-from pscv.segfiles import (
+from pscv.data.classes import ClassInfo
+from pscv.data.segmentations import (
     export_segmentation,
     read_segmentation,
     read_segmentation_volume,
     segmentation_classes,
     write_segmentation,
 )
-from pscv.volumes import Volume, read_image, write_image
+from pscv.data.volumes import Volume, read_image, write_image
 
 DATA = Path(__file__).parent / "Data" / "formats"
 CT = DATA / "slicerio" / "CTChest4.nrrd"

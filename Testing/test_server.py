@@ -17,9 +17,9 @@ import pytest
 from conftest import TINY_SETTINGS
 
 from pscv import PSCVError
-from pscv.client import JobClient, worker_environment
-from pscv.models import load_model
-from pscv.segfiles import read_segmentation
+from pscv.data.segmentations import read_segmentation
+from pscv.jobs.client import JobClient, worker_environment
+from pscv.learn.models import load_model
 
 TOKEN = "a-test-token-of-enough-length-1234"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -5,7 +5,7 @@ widget of the .ui file with a plausible class; the parameter node's fields and t
 `SlicerParameterName` properties agree, with widget classes Slicer's parameterNodeWrapper can connect;
 the CMake lists name exactly the files that exist; the .s4ext, the catalog JSON and the CMake metadata
 agree; the icons are 128x128 PNGs; the engine never imports slicer/qt/ctk/vtk; every `pscv` name the
-module uses exists; and the plain-data part of the Logic's job preparation (`pscv.viewer`), end to end
+module uses exists; and the plain-data part of the Logic's job preparation (`pscv.slicer_inputs`), end to end
 through the engine's own readers.
 
 What is NOT checked here: anything that runs inside Slicer (widgets, MRML calls, the background job
@@ -25,16 +25,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pscv import PSCVError, geometry, viewer
-from pscv.classes import ClassInfo, read_classes
-from pscv.clicks import read_clicks
-from pscv.volumes import read_image
+from pscv import PSCVError, slicer_inputs
+from pscv.data import geometry
+from pscv.data.classes import ClassInfo, read_classes
+from pscv.data.clicks import read_clicks
+from pscv.data.volumes import read_image
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "PSCVSegment"
 MODULE = MODULE_DIR / "PSCVSegment.py"
 UI = MODULE_DIR / "Resources" / "UI" / "PSCVSegment.ui"
 ENGINE = MODULE_DIR / "pscv"
+RESEARCH = "pscv/research/"  # installed with pscv (`pscv bench`), not shipped in the Slicer extension
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +198,7 @@ def test_parameter_node_fields_match_the_ui(tree, ui_widgets):
 
 def test_device_choices_match_the_engine(tree):
     choices = re.search(r"Choice\((\[.*?\])\)", parameter_fields(tree)["device"]).group(1)
-    assert tuple(ast.literal_eval(choices)) == viewer.DEVICES
+    assert tuple(ast.literal_eval(choices)) == slicer_inputs.DEVICES
 
 
 def test_the_module_uses_existing_engine_names(tree):
@@ -213,10 +215,9 @@ def test_engine_never_imports_slicer_qt_ctk_vtk():
     assert not offenders, f"the engine must not import Slicer's modules: {offenders}"
 
 
-def test_viewer_and_geometry_do_not_import_torch():
-    pattern = re.compile(r"^\s*(import|from)\s+(torch|\.(training|network|losses|inference|models|devices))\b",
-                         re.M)
-    for name in ("viewer.py", "geometry.py"):
+def test_slicer_inputs_and_geometry_do_not_import_torch():
+    pattern = re.compile(r"^\s*(import|from)\s+(torch|\.+learn)\b", re.M)  # test_layers.py checks every layer
+    for name in ("slicer_inputs.py", "data/geometry.py"):
         assert not pattern.search((ENGINE / name).read_text()), name
 
 
@@ -254,7 +255,8 @@ def test_module_cmake_lists_every_file_and_nothing_else():
     assert name == "PSCVSegment"
     scripts = [s.replace("${MODULE_NAME}", name) for s in cmake_list(text, "MODULE_PYTHON_SCRIPTS")]
     resources = [s.replace("${MODULE_NAME}", name) for s in cmake_list(text, "MODULE_PYTHON_RESOURCES")]
-    files = {f for f in module_files() if f != "CMakeLists.txt"}
+    files = {f for f in module_files() if f != "CMakeLists.txt" and not f.startswith(RESEARCH)}
+    assert not [s for s in scripts if s.startswith(RESEARCH)], "research code does not ship in the extension"
     python_files = {f for f in files if f.endswith(".py")}
     assert len(scripts) == len(set(scripts)) and len(resources) == len(set(resources))
     assert sorted(set(scripts) - python_files) == [], "listed but missing"
@@ -356,15 +358,15 @@ def scene():
     local_to_world[:3, :3] = rotation_z(-70)
     local_to_world[:3, 3] = (3.0, 4.0, -5.0)
     voxels = {"background": [[0, 0, 0], [5, 9, 11]], "liver": [[2, 3, 4], [3, 3, 5]], "kidney": [[4, 8, 1]]}
-    point_lists = [viewer.PointList(name, geometry.kji_to_world(kji, ijk_to_ras, local_to_world))
+    point_lists = [slicer_inputs.PointList(name, geometry.kji_to_world(kji, ijk_to_ras, local_to_world))
                    for name, kji in voxels.items()]
-    classes = viewer.classes_from_names(list(voxels), [(0.6, 0.6, 0.6), (1.0, 0.5, 0.0), None])
+    classes = slicer_inputs.classes_from_names(list(voxels), [(0.6, 0.6, 0.6), (1.0, 0.5, 0.0), None])
     return array, ijk_to_ras, np.linalg.inv(local_to_world), point_lists, classes, voxels
 
 
 def test_job_inputs_round_trip_through_the_engine_readers(tmp_path, scene):
     array, ijk_to_ras, world_to_local, point_lists, classes, voxels = scene
-    inputs = viewer.write_job_inputs(tmp_path, array, ijk_to_ras, classes, point_lists, world_to_local)
+    inputs = slicer_inputs.write_job_inputs(tmp_path, array, ijk_to_ras, classes, point_lists, world_to_local)
     assert inputs == {"image": str(tmp_path / "image.nrrd"), "classes": str(tmp_path / "classes.json"),
                       "points": [str(tmp_path / "points.mrk.json")]}
     volume = read_image(inputs["image"])
@@ -387,89 +389,92 @@ def test_job_inputs_round_trip_through_the_engine_readers(tmp_path, scene):
 def test_without_the_inverse_transform_points_miss(tmp_path, scene):
     array, ijk_to_ras, _, point_lists, classes, _ = scene
     with pytest.raises(PSCVError, match="outside the image"):
-        viewer.write_job_inputs(tmp_path, array, ijk_to_ras, classes, point_lists, world_to_local=None)
+        slicer_inputs.write_job_inputs(tmp_path, array, ijk_to_ras, classes, point_lists, world_to_local=None)
 
 
 def test_image_only_inputs_for_predict(tmp_path, scene):
     array, ijk_to_ras, *_ = scene
-    inputs = viewer.write_job_inputs(tmp_path, array, ijk_to_ras, None)
+    inputs = slicer_inputs.write_job_inputs(tmp_path, array, ijk_to_ras, None)
     assert inputs == {"image": str(tmp_path / "image.nrrd")}
     assert not (tmp_path / "classes.json").exists()
 
 
 def test_submit_arguments_make_a_valid_job_folder(tmp_path, scene):
     """The files written for the worker pass the engine's own job checks (pscv.jobs.write_job/read_job)."""
-    jobs = pytest.importorskip("pscv.jobs")
+    jobs = pytest.importorskip("pscv.jobs.folder")
     array, ijk_to_ras, world_to_local, point_lists, classes, _ = scene
-    inputs = viewer.write_job_inputs(tmp_path, array, ijk_to_ras, classes, point_lists, world_to_local)
+    inputs = slicer_inputs.write_job_inputs(tmp_path, array, ijk_to_ras, classes, point_lists, world_to_local)
     relative = {"image": "image.nrrd", "points": ["points.mrk.json"], "classes": "classes.json"}
     names = {k: (Path(v).name if isinstance(v, str) else [Path(p).name for p in v]) for k, v in inputs.items()}
     assert names == relative
-    jobs.write_job(tmp_path, "segment", relative, viewer.job_settings("cpu", 50))
+    jobs.write_job(tmp_path, "segment", relative, slicer_inputs.job_settings("cpu", 50))
     job = jobs.read_job(tmp_path)
     assert job.kind == "segment" and job.settings == {"device": "cpu", "iterations": 50}
 
 
 @pytest.mark.parametrize("change, message", [
     (lambda lists: lists[:2], r"no points on class\(es\) kidney"),
-    (lambda lists: lists + [viewer.PointList("spleen", [[0, 0, 0]])], "names no class"),
-    (lambda lists: lists + [viewer.PointList("Liver", np.zeros((0, 3)))], "has two point lists"),
+    (lambda lists: lists + [slicer_inputs.PointList("spleen", [[0, 0, 0]])], "names no class"),
+    (lambda lists: lists + [slicer_inputs.PointList("Liver", np.zeros((0, 3)))], "has two point lists"),
 ])
 def test_point_list_mistakes_are_named(tmp_path, scene, change, message):
     array, ijk_to_ras, world_to_local, point_lists, classes, _ = scene
     with pytest.raises(PSCVError, match=message):
-        viewer.write_job_inputs(tmp_path, array, ijk_to_ras, classes, change(point_lists), world_to_local)
+        slicer_inputs.write_job_inputs(tmp_path, array, ijk_to_ras, classes, change(point_lists), world_to_local)
 
 
 def test_a_point_outside_names_its_class_and_label(scene):
     array, ijk_to_ras, world_to_local, point_lists, classes, _ = scene
-    point_lists[1] = viewer.PointList("liver", np.vstack([point_lists[1].world_ras, [[999.0, 0, 0]]]),
+    point_lists[1] = slicer_inputs.PointList("liver", np.vstack([point_lists[1].world_ras, [[999.0, 0, 0]]]),
                                       ["liver-1", "liver-2", "liver-3"])
     with pytest.raises(PSCVError, match=r"class 'liver': 1 point\(s\) lie outside the image \(liver-3"):
-        viewer.clicks_from_point_lists(point_lists, classes, np.linalg.inv(ijk_to_ras), world_to_local, array.shape)
+        slicer_inputs.clicks_from_point_lists(point_lists, classes, np.linalg.inv(ijk_to_ras), world_to_local,
+                                              array.shape)
 
 
 def test_two_classes_in_one_voxel_are_refused(scene):
     array, ijk_to_ras, world_to_local, point_lists, classes, _ = scene
-    point_lists[2] = viewer.PointList("kidney", point_lists[1].world_ras[:1] + 0.1, ["kidney-1"])
+    point_lists[2] = slicer_inputs.PointList("kidney", point_lists[1].world_ras[:1] + 0.1, ["kidney-1"])
     with pytest.raises(PSCVError, match=r"'kidney-1' \(kidney\) and 'liver point 1' \(liver\) fall in the same voxel"):
-        viewer.clicks_from_point_lists(point_lists, classes, np.linalg.inv(ijk_to_ras), world_to_local, array.shape)
+        slicer_inputs.clicks_from_point_lists(point_lists, classes, np.linalg.inv(ijk_to_ras), world_to_local,
+                                              array.shape)
 
 
 def test_classes_from_names():
-    classes = viewer.classes_from_names(["Background", " Liver "], [(0, 0, 0), (0.2, 0.4, 1.0)])
+    classes = slicer_inputs.classes_from_names(["Background", " Liver "], [(0, 0, 0), (0.2, 0.4, 1.0)])
     assert classes == [ClassInfo("Background", 0, (0, 0, 0)), ClassInfo("Liver", 1, (51, 102, 255))]
-    assert viewer.classes_from_names(["bg", "a", "b"])[2].color != (128, 128, 128)  # engine default colours
+    assert slicer_inputs.classes_from_names(["bg", "a", "b"])[2].color != (128, 128, 128)  # engine default colours
     with pytest.raises(PSCVError, match="duplicate class name"):
-        viewer.classes_from_names(["background", "liver", "LIVER"])
+        slicer_inputs.classes_from_names(["background", "liver", "LIVER"])
     with pytest.raises(PSCVError, match="non-empty"):
-        viewer.classes_from_names(["background", "  "])
+        slicer_inputs.classes_from_names(["background", "  "])
     with pytest.raises(PSCVError, match="at least one organ"):
-        viewer.classes_from_names(["background"])
+        slicer_inputs.classes_from_names(["background"])
 
 
 def test_new_class_names():
-    assert viewer.new_class_names([]) == ["background", "organ 1"]
-    assert viewer.new_class_names(["background", "organ 1"]) == ["organ 2"]
-    assert viewer.new_class_names(["background", "liver", "organ 2"]) == ["organ 3"]
+    assert slicer_inputs.new_class_names([]) == ["background", "organ 1"]
+    assert slicer_inputs.new_class_names(["background", "organ 1"]) == ["organ 2"]
+    assert slicer_inputs.new_class_names(["background", "liver", "organ 2"]) == ["organ 3"]
 
 
 def test_segments_to_replace():
-    classes = viewer.classes_from_names(["background", "Liver", "kidney"])
-    assert viewer.segments_to_replace(["liver", "spleen", "Background"], classes) == ["liver"]
-    assert viewer.segments_to_replace(["Liver", "spleen"], ["LIVER"]) == ["Liver"]
-    assert viewer.segments_to_replace([], classes) == []
+    classes = slicer_inputs.classes_from_names(["background", "Liver", "kidney"])
+    assert slicer_inputs.segments_to_replace(["liver", "spleen", "Background"], classes) == ["liver"]
+    assert slicer_inputs.segments_to_replace(["Liver", "spleen"], ["LIVER"]) == ["Liver"]
+    assert slicer_inputs.segments_to_replace([], classes) == []
 
 
 def test_job_settings():
-    assert viewer.job_settings() == {"device": "auto"}
-    assert viewer.job_settings("CPU", 300, image_size=64) == {"device": "cpu", "iterations": 300, "image_size": 64}
-    assert viewer.job_settings("cuda:1")["device"] == "cuda:1"
+    assert slicer_inputs.job_settings() == {"device": "auto"}
+    assert slicer_inputs.job_settings("CPU", 300, image_size=64) == {"device": "cpu", "iterations": 300,
+                                                                     "image_size": 64}
+    assert slicer_inputs.job_settings("cuda:1")["device"] == "cuda:1"
     with pytest.raises(PSCVError, match="device 'tpu'"):
-        viewer.job_settings("tpu")
-    assert viewer.job_settings("auto", 0) == {"device": "auto"}  # 0: the engine's budget for the device
+        slicer_inputs.job_settings("tpu")
+    assert slicer_inputs.job_settings("auto", 0) == {"device": "auto"}  # 0: the engine's budget for the device
     with pytest.raises(PSCVError, match="at least 1"):
-        viewer.job_settings("auto", -5)
+        slicer_inputs.job_settings("auto", -5)
 
 
 @pytest.mark.parametrize("event, fraction, text", [
@@ -486,18 +491,18 @@ def test_job_settings():
     ({"event": "warning", "message": "class 'x' has no points"}, None, "Warning: class 'x' has no points"),
 ])
 def test_describe_event(event, fraction, text):
-    assert viewer.describe_event(event) == (fraction, text)
+    assert slicer_inputs.describe_event(event) == (fraction, text)
 
 
 def test_format_duration():
-    assert [viewer.format_duration(s) for s in (0, 59.4, 61, 3600, 7325)] == [
+    assert [slicer_inputs.format_duration(s) for s in (0, 59.4, 61, 3600, 7325)] == [
         "0 s", "59 s", "1 min 01 s", "1 h 00 min", "2 h 02 min"]
 
 
 @pytest.mark.parametrize("version, requirement", [
     ("2.4.4", "highdicom<0.23"), ("3.0.1", "highdicom"), (None, "highdicom"), ("weird", "highdicom")])
 def test_highdicom_requirement(version, requirement):
-    assert viewer.highdicom_requirement(version) == requirement
+    assert slicer_inputs.highdicom_requirement(version) == requirement
 
 
 def test_prepared_inputs_run_as_a_local_job(tmp_path):
@@ -507,8 +512,8 @@ def test_prepared_inputs_run_as_a_local_job(tmp_path):
     pytest.importorskip("torch")
     import sys
 
-    from pscv.client import JobClient
-    from pscv.segfiles import read_segmentation, segmentation_classes
+    from pscv.data.segmentations import read_segmentation, segmentation_classes
+    from pscv.jobs.client import JobClient
 
     k, j, i = np.mgrid[0:4, 0:20, 0:20]
     labels = np.zeros(k.shape, np.uint8)
@@ -517,14 +522,16 @@ def test_prepared_inputs_run_as_a_local_job(tmp_path):
     ijk_to_ras = geometry.ijk_to_ras_matrix((1.0, 1.0, 3.0), (5.0, -7.0, 2.0), np.diag([1.0, -1.0, 1.0]))
     clicks = {"background": [[s, 1, 1] for s in range(4)], "liver": [[s, 5, 5] for s in range(4)],
               "kidney": [[s, 14, 14] for s in range(4)]}
-    point_lists = [viewer.PointList(name, geometry.kji_to_world(kji, ijk_to_ras)) for name, kji in clicks.items()]
-    classes = viewer.classes_from_names(list(clicks))
-    inputs = viewer.write_job_inputs(tmp_path / "inputs", array, ijk_to_ras, classes, point_lists)
+    point_lists = [slicer_inputs.PointList(name, geometry.kji_to_world(kji, ijk_to_ras))
+                   for name, kji in clicks.items()]
+    classes = slicer_inputs.classes_from_names(list(clicks))
+    inputs = slicer_inputs.write_job_inputs(tmp_path / "inputs", array, ijk_to_ras, classes, point_lists)
     client = JobClient(python=sys.executable, jobs_dir=tmp_path / "jobs")
-    job = client.submit("segment", settings=viewer.job_settings("cpu", 10, image_size=32, batch_size=2), **inputs)
+    settings = slicer_inputs.job_settings("cpu", 10, image_size=32, batch_size=2)
+    job = client.submit("segment", settings=settings, **inputs)
     events = list(job.events(timeout=300))
     assert job.state == "done", job.message
-    assert any(e["event"] == "progress" and viewer.describe_event(e)[0] is not None for e in events)
+    assert any(e["event"] == "progress" and slicer_inputs.describe_event(e)[0] is not None for e in events)
     result = job.download("segmentation", tmp_path / "result.seg.nrrd")
     assert [c.name for c in segmentation_classes(result)][-2:] == ["liver", "kidney"]
     labelmap = read_segmentation(result, classes, read_image(inputs["image"]))

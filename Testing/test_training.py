@@ -6,12 +6,12 @@ import torch
 from synthetic import CLASSES, two_organ_volume
 
 from pscv import PSCVError
-from pscv.clicks import Clicks, simulate_clicks
-from pscv.dataset import Case
-from pscv.inference import predict_probabilities, predict_volume
-from pscv.metrics import dice
-from pscv.segment import border_background_clicks, click_region, segment_case
-from pscv.training import TrainSettings, case_tensors, scale_coordinates, train
+from pscv.data.clicks import Clicks, simulate_clicks
+from pscv.data.dataset import Case
+from pscv.data.metrics import dice
+from pscv.learn.inference import predict_probabilities, predict_volume
+from pscv.learn.single_case import border_background_clicks, click_region, segment_case
+from pscv.learn.training import TrainSettings, case_tensors, scale_coordinates, train
 
 torch.set_num_threads(2)
 # The loss mechanics alone: the affinity and pseudo-label terms (on by default) are tested on their own below.
@@ -131,7 +131,7 @@ def test_unknown_setting_is_named():
 
 def test_cancel_stops_training_at_the_next_step():
     volume, labels = two_organ_volume(slices=3, size=32)
-    from pscv.progress import Cancelled
+    from pscv.base.progress import Cancelled
 
     steps = []
     with pytest.raises(Cancelled):

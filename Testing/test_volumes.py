@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from scipy.spatial.transform import Rotation
 
 from pscv import PSCVError
-from pscv.volumes import Volume, read_image, write_image
+from pscv.data.volumes import Volume, read_image, write_image
 
 DATA = Path(__file__).parent / "Data" / "formats"
 CT = DATA / "slicerio" / "CTChest4.nrrd"

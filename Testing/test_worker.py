@@ -14,9 +14,10 @@ import pytest
 import torch
 from conftest import TINY_SETTINGS, write_tiny_case, write_tiny_job
 
-from pscv import PSCVError, jobs
-from pscv.client import worker_environment
-from pscv.segfiles import read_segmentation
+from pscv import PSCVError
+from pscv.data.segmentations import read_segmentation
+from pscv.jobs import folder as jobs
+from pscv.jobs.client import worker_environment
 
 LONG = {"iterations": 1_000_000}  # runs until stopped
 
@@ -84,7 +85,7 @@ def test_worker_runs_a_tiny_job_to_done(tmp_path):
 
 
 def jobs_classes(folder):
-    from pscv.classes import read_classes
+    from pscv.data.classes import read_classes
 
     return read_classes(folder / "classes.json")
 
@@ -212,7 +213,7 @@ def test_train_predict_and_finetune_jobs(tmp_path, one_thread):
     jobs.write_job(folder, "finetune", inputs, {"device": "cpu", "iterations": 2, "learning_rate": 1e-12})
     outputs, _ = run_in_process(folder)
     assert outputs == {"segmentation": "result.seg.nrrd", "model": "result-model"}
-    from pscv.models import load_model
+    from pscv.learn.models import load_model
 
     before = load_model(tmp_path / "train" / "result-model").network.head.weight
     after = load_model(folder / "result-model").network.head.weight

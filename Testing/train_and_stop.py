@@ -7,9 +7,9 @@ the loss has been recorded RECORDS times (what Ctrl+C does, at a step the test c
 import json
 import sys
 
-from pscv.dataset import load_training_cases
-from pscv.progress import Cancelled
-from pscv.training import TrainSettings, train
+from pscv.base.progress import Cancelled
+from pscv.data.dataset import load_training_cases
+from pscv.learn.training import TrainSettings, train
 
 dataset, out, settings, records = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
 settings = TrainSettings.from_dict(settings)

@@ -17,11 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "PSCVSegment"))
 def one(args) -> dict:
     import numpy as np
 
-    from pscv.classes import ACDC_CLASSES
-    from pscv.clicks import simulate_clicks
-    from pscv.dataset import Case
-    from pscv.training import TrainSettings, train
-    from pscv.volumes import Volume
+    from pscv.data.classes import ACDC_CLASSES
+    from pscv.data.clicks import simulate_clicks
+    from pscv.data.dataset import Case
+    from pscv.data.volumes import Volume
+    from pscv.learn.training import TrainSettings, train
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, (40, 216, 256)).astype(np.uint8)

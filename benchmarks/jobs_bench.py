@@ -37,8 +37,8 @@ sys.path[:0] = [str(HERE.parent / "PSCVSegment"), str(HERE.parent / "Testing")]
 
 from conftest import TINY_SETTINGS, write_tiny_case, write_tiny_job  # noqa: E402
 
-from pscv import jobs  # noqa: E402
-from pscv.client import JobClient, worker_environment  # noqa: E402
+from pscv.jobs import folder as jobs  # noqa: E402
+from pscv.jobs.client import JobClient, worker_environment  # noqa: E402
 
 ENV = {"OMP_NUM_THREADS": "1"}
 TOKEN = "benchmark-token-0123456789abcdef"

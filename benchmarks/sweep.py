@@ -28,12 +28,12 @@ def run_one(config: dict, args) -> dict:
     """Train and evaluate one configuration in this process."""
     import torch
 
-    from pscv.bench import grow_from_seeds, load_cases
-    from pscv.classes import ACDC_CLASSES as classes
-    from pscv.inference import evaluate_cases
-    from pscv.metrics import evaluate_case, mean_scores
-    from pscv.segment import case_settings, segment_case
-    from pscv.training import TrainSettings, train
+    from pscv.data.classes import ACDC_CLASSES as classes
+    from pscv.data.metrics import evaluate_case, mean_scores
+    from pscv.learn.inference import evaluate_cases
+    from pscv.learn.single_case import case_settings, segment_case
+    from pscv.learn.training import TrainSettings, train
+    from pscv.research.bench import grow_from_seeds, load_cases
 
     torch.set_num_threads(args.threads)
     val_cases = load_cases(Path(args.data), "val", 0)

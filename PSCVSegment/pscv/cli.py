@@ -119,7 +119,7 @@ def _add_training_options(parser, methods=True):
 
 def _settings_overrides(args) -> dict:
     """The training settings the user gave on the command line."""
-    from .intensity import parse_normalization
+    from .data.intensity import parse_normalization
 
     overrides = {"device": args.device}
     for key in ("method", "iterations", "image_size", "batch_size", "seed"):
@@ -164,18 +164,18 @@ def _add_segment(subparsers):
 
 
 def _run_segment(args):
-    from .classes import read_classes
-    from .clicks import read_clicks
-    from .volumes import read_image
+    from .data.classes import read_classes
+    from .data.clicks import read_clicks
+    from .data.volumes import read_image
 
     classes = read_classes(args.classes)
     volume = read_image(args.image)
     clicks = read_clicks(args.points, volume, classes)
     if args.server:  # the inputs are checked here, the job runs there
         return _run_segment_on_server(args, volume, classes)
-    from .models import save_model
-    from .segfiles import write_segmentation
-    from .segment import case_settings, segment_case
+    from .data.segmentations import write_segmentation
+    from .learn.models import save_model
+    from .learn.single_case import case_settings, segment_case
 
     overrides = _settings_overrides(args)
     settings = case_settings(**overrides)
@@ -192,8 +192,8 @@ def _run_segment_on_server(args, volume, classes):
     """`pscv segment --server URL`: the same job on a `pscv serve` service, with the same output."""
     import tempfile
 
-    from .client import JobClient
-    from .segfiles import read_segmentation, write_segmentation
+    from .data.segmentations import read_segmentation, write_segmentation
+    from .jobs.client import JobClient
 
     started = time.monotonic()
     job = JobClient(args.server, token=args.token).submit(
@@ -251,11 +251,11 @@ def _add_train(subparsers):
 
 def _train_settings(args):
     """TrainSettings from the command line; with --resume, those of the checkpoint for options left out."""
-    from .training import TrainSettings
+    from .learn.training import TrainSettings
 
     overrides = _settings_overrides(args)
     if args.resume:
-        from .checkpoints import read_state
+        from .learn.checkpoints import read_state
 
         overrides = {**read_state(args.resume)["run"]["settings"], **overrides}
     return TrainSettings.from_dict(overrides)
@@ -296,9 +296,9 @@ def _check_resume(args, settings, processes: int) -> None:
     """With --resume, refuse at once a checkpoint of another run (its data set is compared by train())."""
     if not args.resume:
         return
-    from .checkpoints import check_compatible, read_state, run_description
-    from .dataset import read_dataset
-    from .training import shape_of_network
+    from .data.dataset import read_dataset
+    from .learn.checkpoints import check_compatible, read_state, run_description
+    from .learn.training import shape_of_network
 
     classes, _ = read_dataset(args.dataset)
     expected = run_description(classes, shape_of_network(classes, settings), settings.to_dict(), processes, None)
@@ -307,9 +307,9 @@ def _check_resume(args, settings, processes: int) -> None:
 
 def _launch_train(args):
     """`pscv train --nproc N`: check what can be checked here, then run this command in N processes."""
-    from .dataset import read_dataset
-    from .devices import resolve_device
-    from .distributed import launch
+    from .data.dataset import read_dataset
+    from .learn.devices import resolve_device
+    from .learn.distributed import launch
 
     settings = _train_settings(args)
     read_dataset(args.dataset)
@@ -338,7 +338,7 @@ def _launch_train(args):
 
 
 def _run_train(args):
-    from .distributed import from_environment
+    from .learn.distributed import from_environment
 
     processes = from_environment()
     if args.nproc < 1:
@@ -349,12 +349,12 @@ def _run_train(args):
         return _launch_train(args)
     import warnings
 
-    from .checkpoints import CHECKPOINT
-    from .dataset import load_training_cases
-    from .inference import evaluate_model
-    from .models import save_model
-    from .progress import Cancelled
-    from .training import train
+    from .base.progress import Cancelled
+    from .data.dataset import load_training_cases
+    from .learn.checkpoints import CHECKPOINT
+    from .learn.inference import evaluate_model
+    from .learn.models import save_model
+    from .learn.training import train
 
     if not processes.main:  # rank 0 speaks for all
         warnings.simplefilter("ignore")
@@ -411,11 +411,11 @@ def _add_predict(subparsers):
 
 
 def _run_predict(args):
-    from .dataset import find_images
-    from .inference import predict_volume
-    from .models import load_model
-    from .segfiles import write_segmentation
-    from .volumes import read_image
+    from .data.dataset import find_images
+    from .data.segmentations import write_segmentation
+    from .data.volumes import read_image
+    from .learn.inference import predict_volume
+    from .learn.models import load_model
 
     model = load_model(args.model)
     source, out = Path(args.image), Path(args.out)
@@ -447,7 +447,7 @@ def _add_evaluate(subparsers):
 
 
 def _pair_files(predictions: Path, truths: Path) -> list[tuple[str, Path, Path]]:
-    from .dataset import case_name, find_images
+    from .data.dataset import case_name, find_images
 
     if predictions.is_file() and truths.is_file():
         return [(case_name(truths) or truths.name, predictions, truths)]
@@ -462,8 +462,8 @@ def _pair_files(predictions: Path, truths: Path) -> list[tuple[str, Path, Path]]
 
 
 def _evaluation_classes(args, pairs):
-    from .classes import read_classes
-    from .segfiles import segmentation_classes
+    from .data.classes import read_classes
+    from .data.segmentations import segmentation_classes
 
     if args.classes:
         return read_classes(args.classes)
@@ -478,9 +478,9 @@ def _evaluation_classes(args, pairs):
 
 
 def _run_evaluate(args):
-    from .metrics import evaluate_case, mean_scores
-    from .segfiles import read_segmentation
-    from .volumes import read_image
+    from .data.metrics import evaluate_case, mean_scores
+    from .data.segmentations import read_segmentation
+    from .data.volumes import read_image
 
     pairs = _pair_files(Path(args.predictions), Path(args.ground_truth))
     classes = _evaluation_classes(args, pairs)
@@ -496,7 +496,7 @@ def _run_evaluate(args):
     for n in names:
         print(f"{n:<16}{summary[n]['dice']:>8.4f}{summary[n]['hd95']:>10.2f}")
     if args.json:
-        from .atomic import write_text_atomic
+        from .base.atomic import write_text_atomic
 
         write_text_atomic(args.json, json.dumps({"summary": summary, "cases": per_case}, indent=2) + "\n")
 
@@ -514,7 +514,7 @@ def _add_prepare_acdc(subparsers):
 
 
 def _run_prepare_acdc(args):
-    from .acdc import prepare_acdc
+    from .research.acdc import prepare_acdc
 
     names = prepare_acdc(args.data, args.split, args.out, args.seed, progress=ConsoleProgress())
     print(f"wrote {len(names)} cases to {args.out}")
@@ -546,7 +546,7 @@ def _add_bench(subparsers):
 
 
 def _run_bench(args):
-    from .bench import run_acdc_benchmark
+    from .research.bench import run_acdc_benchmark
 
     overrides = _parse_set(args.set)
     methods = [] if args.methods == "none" else [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -572,8 +572,8 @@ def _add_export(subparsers):
 
 
 def _run_export(args):
-    from .classes import read_classes
-    from .segfiles import export_segmentation
+    from .data.classes import read_classes
+    from .data.segmentations import export_segmentation
 
     classes = read_classes(args.classes) if args.classes else None
     fmt = export_segmentation(args.segmentation, args.out, args.to, args.reference, args.series, classes)
@@ -592,7 +592,7 @@ def _add_worker(subparsers):
 
 
 def _run_worker(args):
-    from .worker import main as run_worker
+    from .jobs.worker import main as run_worker
 
     return run_worker(args.job_dir)
 
@@ -615,7 +615,7 @@ def _add_serve(subparsers):
 
 
 def _run_serve(args):
-    from .server import serve
+    from .jobs.server import serve
 
     serve(host=args.host, port=args.port, token=args.token, root=args.root, max_upload_mb=args.max_upload_mb,
           gpus=args.gpus)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import PSCVError
+from .. import PSCVError
 from .devices import resolve_device
 
 
@@ -172,7 +172,7 @@ def launch(nproc: int, module_arguments: list[str]) -> tuple[int, bool]:
     the training processes directly (one terminal process group), which stop after a step and write a
     checkpoint: this process only waits for them. SIGTERM is passed on to torchrun."""
     env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parents[1])  # the same pscv in every process
+    package_root = str(Path(__file__).resolve().parents[2])  # the same pscv in every process
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     child = subprocess.Popen(torchrun_command(nproc, module_arguments), env=env)

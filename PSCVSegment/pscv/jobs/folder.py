@@ -27,8 +27,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from . import PSCVError
-from .atomic import write_text_atomic
+from .. import PSCVError
+from ..base.atomic import write_text_atomic
 
 VERSION = 1
 JOB_FILE, EVENTS_FILE, STATE_FILE, CANCEL_FILE = "job.json", "events.jsonl", "state.json", "cancel"
@@ -350,7 +350,7 @@ def stage_inputs(folder, image=None, points=None, classes=None, model=None, data
             inputs["image"] = image_name(image.name)
             link_or_copy(image, folder / inputs["image"])
         else:  # a two-file format (.nhdr + data, .mhd + .raw): one .nrrd file instead
-            from .volumes import read_image, write_image
+            from ..data.volumes import read_image, write_image
 
             inputs["image"] = "image.nrrd"
             write_image(read_image(image), folder / inputs["image"])
@@ -439,7 +439,7 @@ def run_job(job: Job, events: Events, should_stop=None) -> dict:
 
 def device_label(name: str) -> str:
     """The device torch will use for `name` ("auto" resolved), e.g. "cuda", "cpu"."""
-    from .devices import resolve_device
+    from ..learn.devices import resolve_device
 
     return str(resolve_device(name))
 
@@ -512,15 +512,15 @@ class PredictSettings:
 
 
 def _check_stop(should_stop) -> None:
-    from .progress import Cancelled
+    from ..base.progress import Cancelled
 
     if should_stop is not None and should_stop():
         raise Cancelled("stopped before writing the results")
 
 
 def _read_case(job: Job, classes, with_points: bool):
-    from .clicks import read_clicks
-    from .volumes import read_image
+    from ..data.clicks import read_clicks
+    from ..data.volumes import read_image
 
     volume = read_image(job.inputs["image"])
     clicks = read_clicks(job.inputs["points"], volume, classes) if with_points else None
@@ -529,7 +529,7 @@ def _read_case(job: Job, classes, with_points: bool):
 
 def _predict(job, events, should_stop, model, volume) -> None:
     """Segment `volume` with `model` and write outputs.segmentation, falling back on out-of-memory."""
-    from .inference import predict_volume
+    from ..learn.inference import predict_volume
 
     # A predict job's batch_size is the inference batch; a segment job's is the training batch.
     allowed = PREDICT_SETTINGS if job.kind == "predict" else ("device",)
@@ -547,7 +547,7 @@ def _predict(job, events, should_stop, model, volume) -> None:
 
 
 def _write_segmentation(job, events, should_stop, labelmap, volume, classes) -> None:
-    from .segfiles import write_segmentation
+    from ..data.segmentations import write_segmentation
 
     _check_stop(should_stop)
     events({"event": "progress", "stage": "write", "step": 0, "total": 1, "loss": None, "seconds_left": None})
@@ -555,7 +555,7 @@ def _write_segmentation(job, events, should_stop, labelmap, volume, classes) -> 
 
 
 def _train(job, events, should_stop, cases, classes, make_settings, initial=None):
-    from .training import train
+    from ..learn.training import train
 
     def work(settings):
         return train(cases, classes, settings, events, should_stop, initial=initial)
@@ -565,7 +565,7 @@ def _train(job, events, should_stop, cases, classes, make_settings, initial=None
 
 def _save_model(job: Job, model) -> None:
     """Write outputs.model as a whole: into a temporary folder, then renamed."""
-    from .models import save_model
+    from ..learn.models import save_model
 
     destination = job.outputs.get("model")
     if destination is None:
@@ -580,8 +580,8 @@ def _save_model(job: Job, model) -> None:
 
 def _run_segment(job: Job, events: Events, should_stop) -> None:
     """The single-case mode (`pscv.segment.segment_case`): train on the case's clicks, then segment it."""
-    from .classes import read_classes
-    from .segment import case_settings, segment_case
+    from ..data.classes import read_classes
+    from ..learn.single_case import case_settings, segment_case
 
     classes = read_classes(job.inputs["classes"])
     volume, clicks = _read_case(job, classes, with_points=True)
@@ -601,9 +601,9 @@ def _run_segment(job: Job, events: Events, should_stop) -> None:
 
 
 def _run_train(job: Job, events: Events, should_stop) -> None:
-    from .classes import read_classes
-    from .dataset import load_training_cases
-    from .training import TrainSettings
+    from ..data.classes import read_classes
+    from ..data.dataset import load_training_cases
+    from ..learn.training import TrainSettings
 
     method = job.settings.get("method", TrainSettings.method)
     classes, cases = load_training_cases(job.inputs["dataset"], method)
@@ -620,8 +620,8 @@ def _run_train(job: Job, events: Events, should_stop) -> None:
 
 
 def _load_job_model(job: Job):
-    from .classes import read_classes
-    from .models import load_model
+    from ..data.classes import read_classes
+    from ..learn.models import load_model
 
     classes = read_classes(job.inputs["classes"]) if "classes" in job.inputs else None
     return load_model(job.inputs["model"], classes)
@@ -641,8 +641,8 @@ def _run_finetune(job: Job, events: Events, should_stop) -> None:
     """Train further, from the model's weights, on this case's clicks; then segment the case."""
     from dataclasses import fields
 
-    from .dataset import Case
-    from .training import TrainSettings
+    from ..data.dataset import Case
+    from ..learn.training import TrainSettings
 
     model = _load_job_model(job)
     known = {f.name for f in fields(TrainSettings)}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import PSCVError
+from .. import PSCVError
 from .classes import ClassInfo
 from .geometry import round_index
 from .volumes import Volume
@@ -96,7 +96,7 @@ def markups_document(clicks: Clicks, volume: Volume, classes: list[ClassInfo]) -
 
 
 def write_markups(clicks: Clicks, volume: Volume, classes: list[ClassInfo], path: str | Path) -> None:
-    from .atomic import write_text_atomic
+    from ..base.atomic import write_text_atomic
 
     write_text_atomic(path, json.dumps(markups_document(clicks, volume, classes), indent=2) + "\n")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import PSCVError
+from .. import PSCVError
 
 
 @dataclass
@@ -179,7 +179,7 @@ def write_image(volume: Volume, path: str | Path) -> None:
     """Write an image or label map (type kept) with its geometry; the file appears atomically."""
     import SimpleITK as sitk
 
-    from .atomic import atomic_path
+    from ..base.atomic import atomic_path
 
     path = Path(path)
     if not path.name.lower().endswith(WRITABLE_IMAGE_SUFFIXES):

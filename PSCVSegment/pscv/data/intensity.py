@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import PSCVError
+from .. import PSCVError
 
 DEFAULT_NORMALIZATION = {"mode": "percentile", "low": 0.5, "high": 99.5}
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .classes import ClassInfo
-from .clicks import Clicks
-from .dataset import Case
+from ..data.classes import ClassInfo
+from ..data.clicks import Clicks
+from ..data.dataset import Case
+from ..data.volumes import Volume
 from .devices import resolve_device
 from .inference import predict_volume
 from .models import Model
 from .training import TrainSettings, train
-from .volumes import Volume
 
 # What worked best for one case on the ACDC val volumes (BENCHMARKS.md): train only around the organ clicks,
 # a strong affinity term, pseudo-labels, a higher learning rate for the short schedule.

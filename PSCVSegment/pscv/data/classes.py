@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import PSCVError
+from .. import PSCVError
 
 # Distinct, colour-blind-friendly defaults (Okabe-Ito) for classes without a colour.
 DEFAULT_COLORS = [
@@ -89,7 +89,7 @@ def classes_to_json(classes: list[ClassInfo]) -> dict:
 
 
 def write_classes(classes: list[ClassInfo], path: str | Path) -> None:
-    from .atomic import write_text_atomic
+    from ..base.atomic import write_text_atomic
 
     write_text_atomic(path, json.dumps(classes_to_json(classes), indent=2) + "\n")
 

@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import PSCVError, __version__
-from .classes import ClassInfo, classes_to_json, parse_classes
+from .. import PSCVError, __version__
+from ..data.classes import ClassInfo, classes_to_json, parse_classes
 from .network import UNet
 
 FORMAT = "pscv-model/1"
@@ -70,7 +70,7 @@ def save_model(model: Model, directory: str | Path) -> Path:
     """Write the model folder; each file appears atomically."""
     from safetensors.torch import save_file
 
-    from .atomic import atomic_path, write_text_atomic
+    from ..base.atomic import atomic_path, write_text_atomic
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -26,8 +26,9 @@ import traceback
 import warnings
 from pathlib import Path
 
-from . import PSCVError, jobs
-from .atomic import write_text_atomic
+from .. import PSCVError
+from ..base.atomic import write_text_atomic
+from . import folder as jobs
 
 EXIT_DONE, EXIT_ERROR, EXIT_CANCELLED = 0, 1, 3
 EXIT_CODES = {"done": EXIT_DONE, "error": EXIT_ERROR, "cancelled": EXIT_CANCELLED}
@@ -134,7 +135,7 @@ class Worker:
                 self.event_log = None
 
     def _run_job(self) -> int:
-        from .progress import Cancelled
+        from ..base.progress import Cancelled
 
         try:
             job = jobs.read_job(self.folder)

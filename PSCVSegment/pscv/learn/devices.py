@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import PSCVError
+from .. import PSCVError
 
 
 def resolve_device(name: str = "auto") -> torch.device:

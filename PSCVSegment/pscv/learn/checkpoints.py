@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import PSCVError, __version__
+from .. import PSCVError, __version__
 
 FORMAT = "pscv-checkpoint/1"
 CHECKPOINT = "checkpoint.safetensors"
@@ -33,7 +33,7 @@ def checkpoint_file(path: str | Path) -> Path:
 def save_checkpoint(path: str | Path, tensors: dict, state: dict) -> None:
     from safetensors.torch import save_file
 
-    from .atomic import atomic_path
+    from ..base.atomic import atomic_path
 
     header = {"format": FORMAT, "engine_version": __version__, "state": json.dumps(state)}
     with atomic_path(path) as temporary:

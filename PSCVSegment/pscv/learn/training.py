@@ -29,11 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import PSCVError, checkpoints, distributed
-from .classes import ClassInfo
-from .dataset import Case
+from .. import PSCVError
+from ..base.progress import Cancelled, Reporter
+from ..data.classes import ClassInfo
+from ..data.dataset import Case
+from ..data.intensity import DEFAULT_NORMALIZATION, normalize
+from . import checkpoints, distributed
 from .distributed import gather_batch
-from .intensity import DEFAULT_NORMALIZATION, normalize
 from .losses import (
     IGNORE,
     contrastive_variance,
@@ -46,7 +48,6 @@ from .losses import (
 )
 from .models import Model, build_metadata, build_network
 from .network import DEFAULT_DROPOUT, DEFAULT_WIDTHS
-from .progress import Cancelled, Reporter
 
 METHODS = ("pscv", "pce", "ms", "full")
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import PSCVError
+from .. import PSCVError
 from .classes import ClassInfo, read_classes
 from .clicks import Clicks, read_clicks
-from .segfiles import read_segmentation
+from .segmentations import read_segmentation
 from .volumes import Volume, read_image
 
 IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii.gz", ".nii", ".mha", ".mhd")

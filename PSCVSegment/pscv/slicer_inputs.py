@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from . import PSCVError
-from .classes import ClassInfo, parse_classes, write_classes
-from .clicks import Clicks, write_markups
-from .geometry import volume_from_ijk_to_ras, world_to_kji
-from .volumes import Volume, write_image
+from .data.classes import ClassInfo, parse_classes, write_classes
+from .data.clicks import Clicks, write_markups
+from .data.geometry import volume_from_ijk_to_ras, world_to_kji
+from .data.volumes import Volume, write_image
 
 IMAGE_FILE = "image.nrrd"
 POINTS_FILE = "points.mrk.json"

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import PSCVError, __version__
-from .atomic import atomic_path
+from .. import PSCVError, __version__
+from ..base.atomic import atomic_path
 from .classes import ClassInfo
 from .volumes import Volume, write_image
 

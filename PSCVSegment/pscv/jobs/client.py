@@ -37,8 +37,9 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from . import PSCVError, jobs
-from .atomic import atomic_path
+from .. import PSCVError
+from ..base.atomic import atomic_path
+from . import folder as jobs
 
 FINAL_STATES = jobs.FINAL_STATES
 KILL_AFTER_SECONDS = 5.0  # a cancelled local worker still running after this is killed (SIGKILL)
@@ -168,7 +169,7 @@ class JobClient:
                 elif jobs.image_name(image.name):
                     files.append(("image", image.name, image))
                 else:
-                    from .volumes import read_image, write_image
+                    from ..data.volumes import read_image, write_image
 
                     write_image(read_image(image), staging / "image.nrrd")
                     files.append(("image", "image.nrrd", staging / "image.nrrd"))
@@ -403,7 +404,7 @@ class FolderJob(LocalJob):
 def worker_environment(env: dict | None = None) -> dict:
     """The environment of a worker: this pscv first on PYTHONPATH, unbuffered output."""
     environment = dict(os.environ if env is None else env)
-    package_parent = str(Path(__file__).resolve().parent.parent)
+    package_parent = str(Path(__file__).resolve().parents[2])  # the folder holding this pscv
     environment["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, environment.get("PYTHONPATH")) if p)
     environment["PYTHONUNBUFFERED"] = "1"
     return environment

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import PSCVError
+from .. import PSCVError
 from .volumes import Volume
 
 # LPS <-> RAS flips the first two axes; the matrix is its own inverse.

@@ -40,8 +40,9 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Dict, List, Optional
 
-from . import PSCVError, __version__, jobs
-from .atomic import atomic_path, write_text_atomic
+from .. import PSCVError, __version__
+from ..base.atomic import atomic_path, write_text_atomic
+from . import folder as jobs
 from .client import LocalJob, signal_tree
 
 KEEPALIVE_SECONDS = 10.0  # a comment line on idle event streams, so clients and proxies know it lives

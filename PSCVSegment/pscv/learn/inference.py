@@ -10,13 +10,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import PSCVError
-from .dataset import load_case, read_dataset
+from .. import PSCVError
+from ..base.progress import Reporter
+from ..data.dataset import load_case, read_dataset
+from ..data.intensity import normalize
+from ..data.volumes import Volume
 from .devices import resolve_device
-from .intensity import normalize
 from .models import Model
-from .progress import Reporter
-from .volumes import Volume
 
 
 @torch.no_grad()
@@ -67,7 +67,7 @@ def evaluate_cases(model: Model, cases, device="auto", progress=None) -> dict:
     volume."""
     import time
 
-    from .metrics import evaluate_case, mean_scores
+    from ..data.metrics import evaluate_case, mean_scores
 
     classes = model.classes
     per_case, seconds = {}, []

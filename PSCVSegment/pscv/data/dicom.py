@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import PSCVError
+from .. import PSCVError
 
 # Series of these modalities hold no image to segment (a folder often holds them beside the CT/MR series).
 NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "SR", "PR", "KO", "REG", "DOC"}

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import PSCVError
-from .classes import ACDC_CLASSES, write_classes
-from .clicks import simulate_clicks, write_markups
-from .volumes import Volume, write_image
+from .. import PSCVError
+from ..data.classes import ACDC_CLASSES, write_classes
+from ..data.clicks import simulate_clicks, write_markups
+from ..data.volumes import Volume, write_image
 
 
 def read_split(data: Path, split: str) -> list[str]:

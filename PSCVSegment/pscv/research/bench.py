@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import PSCVError, __version__
-from .atomic import write_text_atomic
-from .classes import ACDC_CLASSES
+from .. import PSCVError, __version__
+from ..base.atomic import write_text_atomic
+from ..data.classes import ACDC_CLASSES
 
 # What each row of the table trains: the plain losses, the default recipe (pCE + affinity + pseudo-labels)
 # and the paper's loss with the same two terms.
@@ -54,8 +54,8 @@ def machine_description(device) -> str:
 
 def load_cases(data: Path, split: str, seed: int):
     """The cases of one split, in memory, with the clicks `pscv prepare-acdc` writes for the same seed."""
+    from ..data.dataset import Case
     from .acdc import load_acdc_split
-    from .dataset import Case
 
     return [Case(volume, clicks, labels, name) for name, volume, clicks, labels in
             load_acdc_split(data, split, seed)]
@@ -63,9 +63,9 @@ def load_cases(data: Path, split: str, seed: int):
 
 def run_method(method, train_cases, val_cases, classes, settings_dict, out: Path, progress=None) -> dict:
     """Train one recipe of RECIPES, save its model, evaluate it on the val cases; kept in methods/<recipe>.json."""
-    from .inference import evaluate_cases
-    from .models import save_model
-    from .training import TrainSettings, train
+    from ..learn.inference import evaluate_cases
+    from ..learn.models import save_model
+    from ..learn.training import TrainSettings, train
 
     settings = TrainSettings.from_dict({**settings_dict, **RECIPES[method]})
     model = train(train_cases, classes, settings, progress)
@@ -81,7 +81,7 @@ def grow_from_seeds(volume, clicks) -> np.ndarray:
     """3D Slicer's Grow from seeds (FastGrowCut) from the same clicks: label map of class values."""
     import itk
 
-    from .intensity import DEFAULT_NORMALIZATION, normalize
+    from ..data.intensity import DEFAULT_NORMALIZATION, normalize
 
     seeds = np.zeros(volume.shape, dtype=np.uint8)
     values = np.unique(clicks.values)
@@ -103,8 +103,8 @@ def run_single_case(cases, classes, device, count, progress=None) -> dict:
     """
     import importlib.util
 
-    from .metrics import evaluate_case, mean_scores
-    from .segment import case_settings, segment_case
+    from ..data.metrics import evaluate_case, mean_scores
+    from ..learn.single_case import case_settings, segment_case
 
     growcut = importlib.util.find_spec("itk") is not None
     if not growcut:
@@ -178,8 +178,8 @@ def draw_figure(results: dict, val_cases, classes, out: Path, device) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
-    from .inference import predict_volume
-    from .models import load_model
+    from ..learn.inference import predict_volume
+    from ..learn.models import load_model
 
     case = val_cases[0]
     slices = np.linspace(1, case.image.shape[0] - 2, 3).astype(int)
@@ -219,7 +219,7 @@ def draw_figure(results: dict, val_cases, classes, out: Path, device) -> Path:
 def run_acdc_benchmark(data, out, profile="quick", methods=DEFAULT_RECIPES, device="auto", seed=0,
                        iterations=None, single_case_volumes=None, overrides=None, progress=None,
                        command="pscv bench acdc") -> Path:
-    from .devices import resolve_device
+    from ..learn.devices import resolve_device
 
     if profile not in PROFILES:
         raise PSCVError(f"unknown profile {profile!r}; choose {', '.join(PROFILES)}")

@@ -1,0 +1,1 @@
+"""The data layer: files and plain data (images, geometry, clicks, classes, segmentations); never torch."""
