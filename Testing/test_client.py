@@ -10,8 +10,8 @@ from conftest import TINY_SETTINGS
 
 from pscv import PSCVError
 from pscv.data.segmentations import read_segmentation
-from pscv.jobs import folder as jobs
 from pscv.jobs.client import JobClient
+from pscv.jobs.folder import PID_FILE, read_events, read_state
 from pscv.learn.models import load_model
 
 # One torch thread per worker: on a busy 2-core machine more threads mostly wait for each other.
@@ -86,7 +86,7 @@ def test_cancel_stops_a_local_job_within_2_seconds(client, tiny_case):
     assert job.process.poll() is not None
     assert time.monotonic() - asked < 2.0
     assert visible_results(job.folder) == []
-    assert jobs.read_state(job.folder)["state"] == "cancelled"
+    assert read_state(job.folder)["state"] == "cancelled"
     with pytest.raises(PSCVError, match="is cancelled"):
         job.download("segmentation", "anywhere.seg.nrrd")
 
@@ -103,17 +103,17 @@ def test_a_worker_killed_mid_job_is_a_failed_job_with_no_partial_result(client, 
     assert events[-1]["event"] == "error"
     assert visible_results(job.folder) == []
     # the next reader of the folder sees a failed job too
-    assert jobs.read_state(job.folder)["state"] == "error"
-    assert jobs.read_events(job.folder)[0][-1]["event"] == "error"
+    assert read_state(job.folder)["state"] == "error"
+    assert read_events(job.folder)[0][-1]["event"] == "error"
 
 
 def test_a_folder_whose_worker_died_without_a_word_reads_as_failed(tmp_path):
     folder = tmp_path / "job"
     folder.mkdir()
     (folder / "job.json").write_text("{}")
-    assert jobs.read_state(folder)["state"] == "queued"  # no worker ever started
-    (folder / jobs.PID_FILE).write_text("999999999\n")  # no such process
-    state = jobs.read_state(folder)
+    assert read_state(folder)["state"] == "queued"  # no worker ever started
+    (folder / PID_FILE).write_text("999999999\n")  # no such process
+    state = read_state(folder)
     assert state["state"] == "error" and "stopped without finishing" in state["message"]
 
 

@@ -16,7 +16,8 @@ from conftest import TINY_SETTINGS, write_tiny_case, write_tiny_job
 
 from pscv import PSCVError
 from pscv.data.segmentations import read_segmentation
-from pscv.jobs import folder as jobs
+from pscv.jobs import folder as job_folder
+from pscv.jobs import runner, staging
 from pscv.jobs.client import worker_environment
 
 LONG = {"iterations": 1_000_000}  # runs until stopped
@@ -74,9 +75,9 @@ def test_worker_runs_a_tiny_job_to_done(tmp_path):
     assert steps and steps == sorted(steps) and steps[-1] == 6
     assert [e["stage"] for e in events if e["event"] == "progress"][-2:] == ["predict", "write"]
     # events.jsonl holds the same events; state.json says done; the results are whole and readable
-    logged, _ = jobs.read_events(folder)
+    logged, _ = job_folder.read_events(folder)
     assert logged == events
-    assert jobs.read_state(folder)["state"] == "done"
+    assert job_folder.read_state(folder)["state"] == "done"
     labels = read_segmentation(folder / "result.seg.nrrd", jobs_classes(folder))
     assert labels.shape == (3, 32, 32) and set(np.unique(labels)) <= {0, 1}
     assert sorted(p.name for p in (folder / "result-model").iterdir()) == ["model.json", "model.safetensors",
@@ -106,7 +107,7 @@ def test_a_running_job_stops_within_2_seconds_and_leaves_no_result(tmp_path, how
     assert seconds < 2.0, f"stopped after {seconds:.2f} s"
     assert process.returncode == 3
     assert rest[-1]["event"] == "cancelled" and how in rest[-1]["message"]
-    assert jobs.read_state(folder)["state"] == "cancelled"
+    assert job_folder.read_state(folder)["state"] == "cancelled"
     assert results_left(folder) == []
 
 
@@ -163,7 +164,7 @@ def test_a_bad_job_folder_ends_in_an_error_event_not_a_traceback(tmp_path, case)
     assert result.returncode == 1
     assert events[-1]["event"] == "error" and BAD_FOLDERS[case] in events[-1]["message"], events[-1]
     assert "Traceback" not in result.stderr and "Traceback" not in events[-1]["message"]
-    assert jobs.read_state(folder)["state"] == "error"
+    assert job_folder.read_state(folder)["state"] == "error"
     assert results_left(folder) == []
 
 
@@ -179,12 +180,12 @@ def test_a_missing_job_folder_is_an_error_event(tmp_path):
 
 def run_in_process(folder) -> tuple:
     events = []
-    outputs = jobs.run_job(jobs.read_job(folder), jobs.Events(events.append))
+    outputs = runner.run_job(job_folder.read_job(folder), runner.Events(events.append))
     return outputs, events
 
 
 def write_job(folder, kind, inputs, settings=None):
-    jobs.write_job(folder, kind, inputs, {**TINY_SETTINGS, **(settings or {})})
+    job_folder.write_job(folder, kind, inputs, {**TINY_SETTINGS, **(settings or {})})
     return folder
 
 
@@ -201,16 +202,16 @@ def test_train_predict_and_finetune_jobs(tmp_path, one_thread):
     assert any(e.get("stage") == "train" for e in events)
     # predict with that model
     folder = tmp_path / "predict"
-    inputs = jobs.stage_inputs(folder, image=case["image"], model=tmp_path / "train" / "result-model")
-    jobs.write_job(folder, "predict", inputs, {"device": "cpu", "batch_size": 2})
+    inputs = staging.stage_inputs(folder, image=case["image"], model=tmp_path / "train" / "result-model")
+    job_folder.write_job(folder, "predict", inputs, {"device": "cpu", "batch_size": 2})
     outputs, events = run_in_process(folder)
     assert outputs == {"segmentation": "result.seg.nrrd"} and (folder / "result.seg.nrrd").is_file()
     assert [e["stage"] for e in events][-2:] == ["predict", "write"]
     # finetune: starts from the model's weights (a vanishing learning rate leaves them where they were)
     folder = tmp_path / "finetune"
-    inputs = jobs.stage_inputs(folder, image=case["image"], points=case["points"],
+    inputs = staging.stage_inputs(folder, image=case["image"], points=case["points"],
                                model=tmp_path / "train" / "result-model")
-    jobs.write_job(folder, "finetune", inputs, {"device": "cpu", "iterations": 2, "learning_rate": 1e-12})
+    job_folder.write_job(folder, "finetune", inputs, {"device": "cpu", "iterations": 2, "learning_rate": 1e-12})
     outputs, _ = run_in_process(folder)
     assert outputs == {"segmentation": "result.seg.nrrd", "model": "result-model"}
     from pscv.learn.models import load_model
@@ -224,14 +225,14 @@ def test_a_predict_job_refuses_training_settings(tmp_path):
     case = write_tiny_case(tmp_path / "case")
     folder = tmp_path / "job"
     (tmp_path / "model").mkdir()  # any folder: the settings are checked first
-    inputs = jobs.stage_inputs(folder, image=case["image"], model=tmp_path / "model")
-    jobs.write_job(folder, "predict", inputs, {"iterations": 5})
+    inputs = staging.stage_inputs(folder, image=case["image"], model=tmp_path / "model")
+    job_folder.write_job(folder, "predict", inputs, {"iterations": 5})
     with pytest.raises(PSCVError, match="only the settings device, batch_size"):
         run_in_process(folder)
 
 
 def test_gpu_out_of_memory_retries_with_a_smaller_batch_then_on_the_cpu(monkeypatch):
-    monkeypatch.setattr(jobs, "device_label", lambda name: "cpu" if name == "cpu" else "cuda")
+    monkeypatch.setattr(runner, "device_label", lambda name: "cpu" if name == "cpu" else "cuda")
     tried = []
 
     class Settings:
@@ -245,8 +246,8 @@ def test_gpu_out_of_memory_retries_with_a_smaller_batch_then_on_the_cpu(monkeypa
         return "trained"
 
     events = []
-    recorder = jobs.Events(events.append)
-    result = jobs.with_memory_fallback(recorder, lambda device, batch: Settings(device, batch or 12), work, "auto")
+    recorder = runner.Events(events.append)
+    result = runner.with_memory_fallback(recorder, lambda device, batch: Settings(device, batch or 12), work, "auto")
     assert result == "trained"
     assert tried == [("auto", 12), ("auto", 6), ("auto", 3), ("auto", 2), ("cpu", 12)]
     messages = [e["message"] for e in events]
@@ -256,14 +257,14 @@ def test_gpu_out_of_memory_retries_with_a_smaller_batch_then_on_the_cpu(monkeypa
 
 
 def test_an_error_that_is_not_out_of_memory_is_not_retried(monkeypatch):
-    monkeypatch.setattr(jobs, "device_label", lambda name: "cuda")
+    monkeypatch.setattr(runner, "device_label", lambda name: "cuda")
 
     def work(settings):
         raise ValueError("something else")
 
     with pytest.raises(ValueError):
-        jobs.with_memory_fallback(jobs.Events(lambda e: None), lambda d, b: type("S", (), {"device": d,
-                                  "batch_size": 4})(), work, "cuda")
+        runner.with_memory_fallback(runner.Events(lambda e: None),
+                                    lambda d, b: type("S", (), {"device": d, "batch_size": 4})(), work, "cuda")
 
 
 def test_job_paths_stay_inside_the_folder(tmp_path):
@@ -273,5 +274,5 @@ def test_job_paths_stay_inside_the_folder(tmp_path):
     os.symlink(tmp_path / "outside.nrrd", folder / "link.nrrd")
     for value in ("../outside.nrrd", "/etc/passwd", "link.nrrd", "a/../../outside.nrrd", "job.json", ""):
         with pytest.raises(PSCVError):
-            jobs.inside(folder, value, "inputs.image")
-    assert jobs.inside(folder, "sub/image.nrrd", "inputs.image") == folder / "sub" / "image.nrrd"
+            job_folder.inside(folder, value, "inputs.image")
+    assert job_folder.inside(folder, "sub/image.nrrd", "inputs.image") == folder / "sub" / "image.nrrd"

@@ -37,8 +37,8 @@ sys.path[:0] = [str(HERE.parent / "PSCVSegment"), str(HERE.parent / "Testing")]
 
 from conftest import TINY_SETTINGS, write_tiny_case, write_tiny_job  # noqa: E402
 
-from pscv.jobs import folder as jobs  # noqa: E402
 from pscv.jobs.client import JobClient, worker_environment  # noqa: E402
+from pscv.jobs.folder import CANCEL_FILE, PID_FILE, read_state  # noqa: E402
 
 ENV = {"OMP_NUM_THREADS": "1"}
 TOKEN = "benchmark-token-0123456789abcdef"
@@ -95,7 +95,7 @@ def cancel_times(work: Path, repeat: int) -> dict:
             folder = write_tiny_job(work / f"cancel-{how[:6]}-{n}", iterations=1_000_000)
             process = start_worker(folder)
             if how.startswith("during"):
-                while not (folder / jobs.PID_FILE).exists():  # signal handlers in place, torch not loaded yet
+                while not (folder / PID_FILE).exists():  # signal handlers in place, torch not loaded yet
                     time.sleep(0.01)
             else:
                 for line in process.stdout:
@@ -103,13 +103,13 @@ def cancel_times(work: Path, repeat: int) -> dict:
                         break
             asked = time.monotonic()
             if how == "cancel file":
-                (folder / jobs.CANCEL_FILE).touch()
+                (folder / CANCEL_FILE).touch()
             else:
                 process.send_signal(signal.SIGTERM)
             process.stdout.read()
             process.wait()
             times.append(time.monotonic() - asked)
-            assert jobs.read_state(folder)["state"] == "cancelled"
+            assert read_state(folder)["state"] == "cancelled"
             assert not (folder / "result.seg.nrrd").exists() and not (folder / "result-model").exists()
         results[how] = summary(times)
     client = JobClient(jobs_dir=work / "client-jobs", env=ENV)

@@ -39,9 +39,24 @@ from pathlib import Path
 
 from .. import PSCVError
 from ..base.atomic import atomic_path
-from . import folder as jobs
+from .folder import (
+    CANCEL_FILE,
+    FINAL_STATES,
+    JOB_FILE,
+    KINDS,
+    LOG_FILE,
+    SAFE_ID,
+    append_event,
+    inside,
+    read_events,
+    read_state,
+    read_state_file,
+    remove_results,
+    write_job,
+    write_state,
+)
+from .staging import extract_zip, stage_inputs, upload_files
 
-FINAL_STATES = jobs.FINAL_STATES
 KILL_AFTER_SECONDS = 5.0  # a cancelled local worker still running after this is killed (SIGKILL)
 STREAM_TIMEOUT = 60.0  # the server sends a keep-alive every few seconds; silence this long means it is gone
 RECONNECT_TRIES = 8  # reconnections to a remote service (backing off up to 10 s) before a job is given up
@@ -79,8 +94,8 @@ class JobClient:
     def submit(self, kind: str, image=None, points=None, classes=None, model=None, dataset=None,
                settings: dict | None = None) -> Job:
         """Start a job (segment, train, predict, finetune) on the given files and settings."""
-        if kind not in jobs.KINDS:
-            raise PSCVError(f"unknown job kind {kind!r}; use one of {', '.join(jobs.KINDS)}")
+        if kind not in KINDS:
+            raise PSCVError(f"unknown job kind {kind!r}; use one of {', '.join(KINDS)}")
         settings = dict(settings or {})
         if self.remote:
             return self._submit_remote(kind, image, points, classes, model, dataset, settings)
@@ -88,8 +103,8 @@ class JobClient:
         folder = self.jobs_dir / uuid.uuid4().hex
         folder.mkdir()
         try:
-            inputs = jobs.stage_inputs(folder, image, points, classes, model, dataset)
-            jobs.write_job(folder, kind, inputs, settings)
+            inputs = stage_inputs(folder, image, points, classes, model, dataset)
+            write_job(folder, kind, inputs, settings)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -101,7 +116,7 @@ class JobClient:
             info = self._json("GET", f"/jobs/{urllib.parse.quote(job_id, safe='')}")
             return RemoteJob(self, info["id"], info["state"])
         folder = self.jobs_dir / job_id
-        if not jobs.SAFE_ID.fullmatch(job_id) or not (folder / jobs.JOB_FILE).is_file():
+        if not SAFE_ID.fullmatch(job_id) or not (folder / JOB_FILE).is_file():
             raise PSCVError(f"no job {job_id!r} in {self.jobs_dir}")
         return FolderJob(folder)
 
@@ -110,8 +125,8 @@ class JobClient:
         if self.remote:
             return self._json("GET", "/jobs")["jobs"]
         found = []
-        for folder in sorted(self.jobs_dir.glob("*/" + jobs.JOB_FILE), key=lambda p: p.stat().st_mtime):
-            state = jobs.read_state(folder.parent)
+        for folder in sorted(self.jobs_dir.glob("*/" + JOB_FILE), key=lambda p: p.stat().st_mtime):
+            state = read_state(folder.parent)
             try:
                 kind = json.loads(folder.read_text()).get("kind")
             except (OSError, ValueError):
@@ -161,26 +176,7 @@ class JobClient:
     def _submit_remote(self, kind, image, points, classes, model, dataset, settings) -> RemoteJob:
         with tempfile.TemporaryDirectory(prefix="pscv-upload-") as staging:
             staging = Path(staging)
-            files = []
-            if image is not None:
-                image = Path(image)
-                if image.is_dir():  # a DICOM series folder travels as a zip
-                    files.append(("image", "image.zip", jobs.zip_folder(image, staging / "image.zip")))
-                elif jobs.image_name(image.name):
-                    files.append(("image", image.name, image))
-                else:
-                    from ..data.volumes import read_image, write_image
-
-                    write_image(read_image(image), staging / "image.nrrd")
-                    files.append(("image", "image.nrrd", staging / "image.nrrd"))
-            for path in [points] if isinstance(points, (str, Path)) else list(points or []):
-                files.append(("points", Path(path).name, Path(path)))
-            if classes is not None:
-                files.append(("classes", "classes.json", Path(classes)))
-            for role, folder in (("model", model), ("dataset", dataset)):
-                if folder is not None:
-                    folder = Path(folder).parent if Path(folder).is_file() else Path(folder)
-                    files.append((role, f"{role}.zip", jobs.zip_folder(folder, staging / f"{role}.zip")))
+            files = upload_files(staging, image, points, classes, model, dataset)
             body, content_type = _multipart({"kind": kind, "settings": json.dumps(settings)}, files,
                                             staging / "body")
             size = body.stat().st_size
@@ -313,21 +309,21 @@ class LocalJob(Job):
 
     def _worker_vanished(self, code: int) -> None:
         """The worker ended without a last event: say how, so the folder reads as failed (or cancelled)."""
-        state = jobs.read_state_file(self.folder)  # the worker may have ended the job but died before saying so
+        state = read_state_file(self.folder)  # the worker may have ended the job but died before saying so
         if state is None or state["state"] == "done" and not self._results_present(state):
-            jobs.remove_results(self.folder)
+            remove_results(self.folder)
             if self._cancelled:
                 state = {"state": "cancelled", "message": "cancelled (the worker was stopped)"}
             else:
                 how = f"was killed by signal {-code}" if code < 0 else f"ended with exit status {code}"
                 state = {"state": "error", "message": f"the worker process {how} before the job finished; "
-                         f"see {self.folder / jobs.LOG_FILE}"}
-            jobs.write_state(self.folder, state["state"], state["message"])
+                         f"see {self.folder / LOG_FILE}"}
+            write_state(self.folder, state["state"], state["message"])
         event = {"event": state["state"], "message": state.get("message"), "device": self.device,
                  "time": round(time.time(), 3)}
         if state["state"] == "done":
             event["outputs"] = state.get("outputs", {})
-        jobs.append_event(self.folder, event)
+        append_event(self.folder, event)
         self._deliver(event)
 
     def _results_present(self, state: dict) -> bool:
@@ -340,7 +336,7 @@ class LocalJob(Job):
             return
         self._cancelled = True
         try:
-            (self.folder / jobs.CANCEL_FILE).touch()
+            (self.folder / CANCEL_FILE).touch()
         except OSError:
             pass
         if os.name == "posix":
@@ -354,7 +350,7 @@ class LocalJob(Job):
     def download(self, kind: str = "segmentation", destination=None) -> Path:
         """Copy a result out of the job folder (no destination: its path in the job folder)."""
         self._check_result(kind)
-        source = jobs.inside(self.folder, self.outputs[kind], f"outputs.{kind}")
+        source = inside(self.folder, self.outputs[kind], f"outputs.{kind}")
         return source if destination is None else copy_result(source, kind, destination)
 
     def delete(self) -> None:
@@ -379,14 +375,14 @@ class FolderJob(LocalJob):
     def _tail(self) -> None:
         offset = 0
         while True:
-            events, offset = jobs.read_events(self.folder, offset)
+            events, offset = read_events(self.folder, offset)
             for event in events:
                 self._deliver(event)
             if self._ended:
                 break
-            state = jobs.read_state(self.folder)
+            state = read_state(self.folder)
             if state["state"] in FINAL_STATES:  # ended without its event (a killed worker)
-                events, offset = jobs.read_events(self.folder, offset)
+                events, offset = read_events(self.folder, offset)
                 for event in events:
                     self._deliver(event)
                 if not self._ended:
@@ -398,7 +394,7 @@ class FolderJob(LocalJob):
 
     def cancel(self) -> None:
         if not self.finished:
-            (self.folder / jobs.CANCEL_FILE).touch()
+            (self.folder / CANCEL_FILE).touch()
 
 
 def worker_environment(env: dict | None = None) -> dict:
@@ -417,7 +413,7 @@ def start_worker(folder: Path, python: str | None = None, env: dict | None = Non
         platform = {"start_new_session": True}
     else:
         platform = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)}
-    with open(folder / jobs.LOG_FILE, "ab") as log:
+    with open(folder / LOG_FILE, "ab") as log:
         try:
             return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
                                     cwd=str(folder), env=worker_environment(env), **platform)
@@ -537,7 +533,7 @@ class RemoteJob(Job):
                     archive = Path(staging) / "model.zip"
                     with open(archive, "wb") as out:
                         shutil.copyfileobj(response, out, 2**20)
-                    folder = jobs.extract_zip(archive, Path(staging) / "model", max_bytes=2**34, what="model.zip")
+                    folder = extract_zip(archive, Path(staging) / "model", max_bytes=2**34, what="model.zip")
                     return copy_result(folder, "model", destination)
             if destination.is_dir():
                 destination = destination / Path(self.outputs[kind]).name

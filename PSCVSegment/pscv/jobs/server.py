@@ -42,8 +42,25 @@ from typing import Annotated, Dict, List, Optional
 
 from .. import PSCVError, __version__
 from ..base.atomic import atomic_path, write_text_atomic
-from . import folder as jobs
 from .client import LocalJob, signal_tree
+from .folder import (
+    CANCEL_FILE,
+    FINAL_STATES,
+    JOB_FILE,
+    META_FILE,
+    PID_FILE,
+    SAFE_ID,
+    append_event,
+    inside,
+    read_events,
+    read_state,
+    read_state_file,
+    remove_results,
+    worker_alive,
+    write_job,
+    write_state,
+)
+from .staging import job_inputs, store_upload, zip_folder
 
 KEEPALIVE_SECONDS = 10.0  # a comment line on idle event streams, so clients and proxies know it lives
 STREAM_POLL_SECONDS = 0.1  # how often an event stream looks for new events
@@ -97,11 +114,11 @@ class Service:
             shutil.rmtree(staging, ignore_errors=True)
         queued = []
         for folder in self.jobs_dir.iterdir():
-            if not (jobs.SAFE_ID.fullmatch(folder.name) and folder.is_dir()) or jobs.read_state_file(folder):
+            if not (SAFE_ID.fullmatch(folder.name) and folder.is_dir()) or read_state_file(folder):
                 continue
-            if (folder / jobs.PID_FILE).exists():  # its worker belonged to the service's previous run
-                if jobs.worker_alive(folder):
-                    signal_tree(int((folder / jobs.PID_FILE).read_text()), getattr(signal, "SIGKILL", None))
+            if (folder / PID_FILE).exists():  # its worker belonged to the service's previous run
+                if worker_alive(folder):
+                    signal_tree(int((folder / PID_FILE).read_text()), getattr(signal, "SIGKILL", None))
                 self._end_job(folder, "error", "the service stopped while this job ran; submit it again")
             else:
                 queued.append((self._meta(folder).get("created", 0), folder.name))
@@ -109,10 +126,9 @@ class Service:
             self.pending.put(job_id)
 
     def _end_job(self, folder: Path, state: str, message: str) -> None:
-        jobs.remove_results(folder)
-        jobs.write_state(folder, state, message)
-        jobs.append_event(folder, {"event": state, "message": message, "device": None,
-                                   "time": round(time.time(), 3)})
+        remove_results(folder)
+        write_state(folder, state, message)
+        append_event(folder, {"event": state, "message": message, "device": None, "time": round(time.time(), 3)})
 
     def _run_queue(self, slot: int) -> None:
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(slot)} if self.gpus > 1 else None
@@ -123,7 +139,7 @@ class Service:
                 continue
             folder = self.jobs_dir / job_id
             with self.lock:
-                if not (folder / jobs.JOB_FILE).is_file() or jobs.read_state(folder)["state"] != "queued":
+                if not (folder / JOB_FILE).is_file() or read_state(folder)["state"] != "queued":
                     continue  # cancelled or deleted while it waited
                 try:
                     job = LocalJob(folder, self.python, env)
@@ -141,19 +157,19 @@ class Service:
         from fastapi import HTTPException
 
         folder = self.jobs_dir / job_id
-        if not jobs.SAFE_ID.fullmatch(job_id) or not (folder / jobs.JOB_FILE).is_file():
+        if not SAFE_ID.fullmatch(job_id) or not (folder / JOB_FILE).is_file():
             raise HTTPException(404, f"no job {job_id[:40]!r} on this service")
         return folder
 
     def _meta(self, folder: Path) -> dict:
         try:
-            return json.loads((folder / jobs.META_FILE).read_text())
+            return json.loads((folder / META_FILE).read_text())
         except (OSError, ValueError):
             return {}
 
     def info(self, job_id: str) -> dict:
         folder = self.folder(job_id)
-        state = jobs.read_state(folder)
+        state = read_state(folder)
         with self.lock:
             if state["state"] == "queued" and job_id in self.running:
                 state = {**state, "state": "running"}
@@ -162,7 +178,7 @@ class Service:
                 "outputs": sorted(state.get("outputs") or {}), "created": meta.get("created")}
 
     def list_jobs(self) -> List[dict]:
-        ids = [f.name for f in self.jobs_dir.iterdir() if jobs.SAFE_ID.fullmatch(f.name)]
+        ids = [f.name for f in self.jobs_dir.iterdir() if SAFE_ID.fullmatch(f.name)]
         found = []
         for job_id in ids:
             with contextlib.suppress(Exception):  # deleted meanwhile
@@ -182,46 +198,24 @@ class Service:
                 raise PSCVError(f"settings: not valid JSON ({error.msg})") from None
             if not isinstance(settings, dict):
                 raise PSCVError("settings: expected a JSON object, e.g. {\"iterations\": 300}")
-            inputs = {}
-            if image is not None:
-                inputs["image"] = self._store_image(staging, image)
-            if points:
-                inputs["points"] = [jobs.points_name(upload.filename or "", n) for n, upload in
-                                    enumerate(points, start=1)]
-                for upload, name in zip(points, inputs["points"]):
-                    _save_upload(upload, staging / name)
-            if classes is not None:
-                inputs["classes"] = "classes.json"
-                _save_upload(classes, staging / "classes.json")
-            for role, upload in (("model", model), ("dataset", dataset)):
-                if upload is not None:
-                    folder = jobs.extract_zip(upload.file, staging / role, self.max_upload_bytes * MAX_UNPACKED_FACTOR,
-                                              f"{role} (a zip of the {role} folder)")
-                    inputs[role] = folder.relative_to(staging).as_posix()
-            jobs.write_job(staging, kind, inputs, settings)
-            write_text_atomic(staging / jobs.META_FILE,
+            received = {"image": [image], "points": points, "classes": [classes], "model": [model],
+                        "dataset": [dataset]}
+            limit = self.max_upload_bytes * MAX_UNPACKED_FACTOR
+            inputs = job_inputs((role, store_upload(staging, role, number, upload.filename or "", upload.file, limit))
+                                for role, uploads in received.items()
+                                for number, upload in enumerate([u for u in uploads if u is not None], start=1))
+            write_job(staging, kind, inputs, settings)
+            write_text_atomic(staging / META_FILE,
                               json.dumps({"id": job_id, "kind": kind, "created": time.time()}) + "\n")
             ahead = self.pending.qsize() + len(self.running)
-            jobs.append_event(staging, {"event": "queued", "message": f"queued; {ahead} job(s) ahead of it",
-                                        "position": ahead, "device": None, "time": round(time.time(), 3)})
+            append_event(staging, {"event": "queued", "message": f"queued; {ahead} job(s) ahead of it",
+                                   "position": ahead, "device": None, "time": round(time.time(), 3)})
             os.replace(staging, self.jobs_dir / job_id)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         self.pending.put(job_id)
         return {"id": job_id, "state": "queued"}
-
-    def _store_image(self, staging: Path, upload) -> str:
-        filename = upload.filename or ""
-        name = jobs.image_name(filename)
-        if name:
-            _save_upload(upload, staging / name)
-            return name
-        if filename.lower().endswith(".zip"):  # a DICOM series folder
-            folder = jobs.extract_zip(upload.file, staging / "image", self.max_upload_bytes * MAX_UNPACKED_FACTOR,
-                                      "image (a zip of a DICOM folder)")
-            return folder.relative_to(staging).as_posix()
-        raise PSCVError(f"image {filename[:80]!r}: send .nrrd, .nii.gz, .nii, .mha, or a .zip of a DICOM series folder")
 
     def cancel(self, job_id: str) -> dict:
         folder = self.folder(job_id)
@@ -230,9 +224,9 @@ class Service:
             if job is not None:
                 job.cancel()
                 return {"id": job_id, "state": "cancelling"}
-            state = jobs.read_state(folder)["state"]
+            state = read_state(folder)["state"]
             if state == "queued":
-                (folder / jobs.CANCEL_FILE).touch()
+                (folder / CANCEL_FILE).touch()
                 self._end_job(folder, "cancelled", "cancelled before it started")
                 return {"id": job_id, "state": "cancelled"}
         return {"id": job_id, "state": state}
@@ -242,7 +236,7 @@ class Service:
 
         folder = self.folder(job_id)
         state = self.info(job_id)["state"]
-        if state not in jobs.FINAL_STATES:
+        if state not in FINAL_STATES:
             raise HTTPException(409, f"job {job_id} is {state}; cancel it first")
         shutil.rmtree(folder, ignore_errors=True)
         return {"id": job_id, "deleted": True}
@@ -252,26 +246,20 @@ class Service:
         from fastapi import HTTPException
 
         folder = self.folder(job_id)
-        state = jobs.read_state(folder)
+        state = read_state(folder)
         if state["state"] != "done":
             raise HTTPException(409, f"job {job_id} is {state['state']}; results come when it is done")
         outputs = state.get("outputs") or {}
         if kind not in outputs:
             raise HTTPException(404, f"job {job_id} wrote no {kind} (it wrote {', '.join(outputs) or 'nothing'})")
-        path = jobs.inside(folder, outputs[kind], f"outputs.{kind}")
+        path = inside(folder, outputs[kind], f"outputs.{kind}")
         if kind != "model":
             return path
         archive = folder / f".download-{path.name}.zip"
         if not archive.exists():
             with atomic_path(archive) as temporary:
-                jobs.zip_folder(path, temporary)
+                zip_folder(path, temporary)
         return archive
-
-
-def _save_upload(upload, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as out:
-        shutil.copyfileobj(upload.file, out, 2**20)
 
 
 class Guard:
@@ -382,7 +370,7 @@ def create_app(root, token: Optional[str] = None, max_upload_bytes: int = 2**30,
     @app.get("/jobs/{job_id}/events")
     def job_events(job_id: str, after: int = Query(0, ge=0)):
         folder = service.folder(job_id)
-        events, _ = jobs.read_events(folder)
+        events, _ = read_events(folder)
         return {"events": events[after:], "next": max(after, len(events)), "state": service.info(job_id)["state"]}
 
     @app.get("/jobs/{job_id}/stream")
@@ -392,13 +380,13 @@ def create_app(root, token: Optional[str] = None, max_upload_bytes: int = 2**30,
         async def stream():
             offset, count, last_sent = 0, 0, time.monotonic()
             while True:
-                events, offset = jobs.read_events(folder, offset)
+                events, offset = read_events(folder, offset)
                 for event in events:
                     count += 1
                     if count > after:
                         yield f"id: {count}\ndata: {json.dumps(event)}\n\n"
                         last_sent = time.monotonic()
-                    if event.get("event") in jobs.FINAL_STATES:
+                    if event.get("event") in FINAL_STATES:
                         return
                 if not events:
                     if not folder.is_dir() or await request.is_disconnected():

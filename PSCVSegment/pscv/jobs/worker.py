@@ -28,7 +28,8 @@ from pathlib import Path
 
 from .. import PSCVError
 from ..base.atomic import write_text_atomic
-from . import folder as jobs
+from .folder import CANCEL_FILE, EVENTS_FILE, LOG_FILE, PID_FILE, read_job, remove_results, write_state
+from .runner import Events, device_details, device_label, device_warnings, is_out_of_memory, run_job
 
 EXIT_DONE, EXIT_ERROR, EXIT_CANCELLED = 0, 1, 3
 EXIT_CODES = {"done": EXIT_DONE, "error": EXIT_ERROR, "cancelled": EXIT_CANCELLED}
@@ -43,7 +44,7 @@ class Worker:
         self.lock = threading.RLock()  # one event written at a time; the job ends once
         self.ended = False
         self.stop_reason, self.stop_requested_at = None, None
-        self.events = jobs.Events(self._write)
+        self.events = Events(self._write)
         self.event_log = None
         self.wakeup = None  # read end of the pipe the C signal handler writes to (POSIX)
 
@@ -87,7 +88,7 @@ class Worker:
 
     def _watch(self) -> None:
         """The watchdog: notices signals and the cancel file, and ends a job that does not stop in time."""
-        cancel_file = self.folder / jobs.CANCEL_FILE
+        cancel_file = self.folder / CANCEL_FILE
         while not self.ended:
             if self.wakeup is not None:
                 ready, _, _ = select.select([self.wakeup], [], [], WATCH_SECONDS)
@@ -108,7 +109,7 @@ class Worker:
                 return
             message = f"cancelled ({self.stop_reason}); the worker ended the job at once"
             self._finish("cancelled", message, {})
-            jobs.remove_results(self.folder, os.getpid())  # again: a rename may have landed meanwhile
+            remove_results(self.folder, os.getpid())  # again: a rename may have landed meanwhile
             os._exit(EXIT_CANCELLED)
 
     # Running -----------------------------------------------------------------------------------------
@@ -118,8 +119,8 @@ class Worker:
             return EXIT_ERROR
         self._install_signal_handlers()  # before worker.pid: a client that sees the pid may signal at once
         try:
-            self.event_log = open(self.folder / jobs.EVENTS_FILE, "a", encoding="utf-8")
-            write_text_atomic(self.folder / jobs.PID_FILE, f"{os.getpid()}\n")
+            self.event_log = open(self.folder / EVENTS_FILE, "a", encoding="utf-8")
+            write_text_atomic(self.folder / PID_FILE, f"{os.getpid()}\n")
         except OSError as error:
             self.events({"event": "error", "message": f"{self.folder}: cannot write to the job folder ({error}); "
                                                       "check its permissions and free disk space"})
@@ -138,15 +139,15 @@ class Worker:
         from ..base.progress import Cancelled
 
         try:
-            job = jobs.read_job(self.folder)
-            self.events.device = jobs.device_label(job.settings.get("device", "auto"))  # imports torch
+            job = read_job(self.folder)
+            self.events.device = device_label(job.settings.get("device", "auto"))  # imports torch
             self.events({"event": "started", "kind": job.kind, "job": self.folder.name, "pid": os.getpid(),
-                         **jobs.device_details(self.events.device)})
-            for message in jobs.device_warnings(job.settings.get("device", "auto"), self.events.device):
+                         **device_details(self.events.device)})
+            for message in device_warnings(job.settings.get("device", "auto"), self.events.device):
                 self.events.warning(message)
             if self.should_stop():
                 raise Cancelled("stopped before it began")
-            outputs = jobs.run_job(job, self.events, self.should_stop)
+            outputs = run_job(job, self.events, self.should_stop)
             return self._end("done", f"{job.kind} finished", outputs)
         except Cancelled:
             return self._end("cancelled", f"cancelled ({self.stop_reason or 'asked to stop'})")
@@ -154,12 +155,12 @@ class Worker:
             return self._end("error", str(error))
         except Exception as error:  # a bug, or the machine: say what, keep the details in the log
             traceback.print_exc()
-            if jobs.is_out_of_memory(error) or isinstance(error, MemoryError):
+            if is_out_of_memory(error) or isinstance(error, MemoryError):
                 message = (f"out of memory on {self.events.device or 'this machine'}: lower image_size or "
                            "batch_size, or run the job on a machine with more memory")
             else:
                 message = (f"unexpected error: {type(error).__name__}: {error}. The details are in the worker's "
-                           f"stderr ({jobs.LOG_FILE} in the job folder); please report them")
+                           f"stderr ({LOG_FILE} in the job folder); please report them")
             return self._end("error", message)
 
     def _end(self, state: str, message: str, outputs: dict | None = None) -> int:
@@ -175,9 +176,9 @@ class Worker:
         """Under the lock: remove results unless done, write state.json, print the last event."""
         self.ended = True
         if state != "done":
-            jobs.remove_results(self.folder, os.getpid())
+            remove_results(self.folder, os.getpid())
         try:
-            jobs.write_state(self.folder, state, message, outputs)
+            write_state(self.folder, state, message, outputs)
         except OSError as error:
             message = f"{message} (and state.json could not be written: {error})"
         event = {"event": state, "message": message}
