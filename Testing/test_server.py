@@ -18,7 +18,8 @@ from conftest import TINY_SETTINGS
 
 from pscv import PSCVError
 from pscv.data.segmentations import read_segmentation
-from pscv.jobs.client import JobClient, worker_environment
+from pscv.jobs.client import JobClient
+from pscv.jobs.processes import worker_environment
 from pscv.learn.models import load_model
 
 TOKEN = "a-test-token-of-enough-length-1234"

@@ -18,7 +18,7 @@ from pscv import PSCVError
 from pscv.data.segmentations import read_segmentation
 from pscv.jobs import folder as job_folder
 from pscv.jobs import runner, staging
-from pscv.jobs.client import worker_environment
+from pscv.jobs.processes import worker_environment
 
 LONG = {"iterations": 1_000_000}  # runs until stopped
 

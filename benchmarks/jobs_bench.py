@@ -37,8 +37,9 @@ sys.path[:0] = [str(HERE.parent / "PSCVSegment"), str(HERE.parent / "Testing")]
 
 from conftest import TINY_SETTINGS, write_tiny_case, write_tiny_job  # noqa: E402
 
-from pscv.jobs.client import JobClient, worker_environment  # noqa: E402
+from pscv.jobs.client import JobClient  # noqa: E402
 from pscv.jobs.folder import CANCEL_FILE, PID_FILE, read_state  # noqa: E402
+from pscv.jobs.processes import worker_environment  # noqa: E402
 
 ENV = {"OMP_NUM_THREADS": "1"}
 TOKEN = "benchmark-token-0123456789abcdef"

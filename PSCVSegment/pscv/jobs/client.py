@@ -25,9 +25,6 @@ import json
 import os
 import queue
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -44,20 +41,15 @@ from .folder import (
     FINAL_STATES,
     JOB_FILE,
     KINDS,
-    LOG_FILE,
     SAFE_ID,
-    append_event,
     inside,
     read_events,
     read_state,
-    read_state_file,
-    remove_results,
     write_job,
-    write_state,
 )
+from .processes import WorkerProcess
 from .staging import extract_zip, stage_inputs, upload_files
 
-KILL_AFTER_SECONDS = 5.0  # a cancelled local worker still running after this is killed (SIGKILL)
 STREAM_TIMEOUT = 60.0  # the server sends a keep-alive every few seconds; silence this long means it is gone
 RECONNECT_TRIES = 8  # reconnections to a remote service (backing off up to 10 s) before a job is given up
 RESULTS = ("segmentation", "model")
@@ -108,7 +100,7 @@ class JobClient:
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        return LocalJob(folder, self.python, self.env)
+        return LocalJob(folder, WorkerProcess(folder, self.python, self.env))
 
     def job(self, job_id: str) -> Job:
         """A job submitted earlier (by this or another client), to follow, cancel or download again."""
@@ -118,7 +110,7 @@ class JobClient:
         folder = self.jobs_dir / job_id
         if not SAFE_ID.fullmatch(job_id) or not (folder / JOB_FILE).is_file():
             raise PSCVError(f"no job {job_id!r} in {self.jobs_dir}")
-        return FolderJob(folder)
+        return LocalJob(folder, EventLog(folder))
 
     def list_jobs(self) -> list[dict]:
         """[{"id", "kind", "state", "message", "created"}], oldest first."""
@@ -222,6 +214,15 @@ class Job:
         self._ended = False  # its last event has come
         self._finished = threading.Event()  # ... and whoever brings events is done
 
+    def _follow(self, events) -> None:
+        """Deliver `events` (an iterator that ends after the job's last event) in a thread of its own."""
+        def read():
+            for event in events:
+                self._deliver(event)
+            self._finished.set()
+
+        threading.Thread(target=read, name=f"pscv-job-{self.id[:8]}", daemon=True).start()
+
     def _deliver(self, event: dict) -> None:
         kind = event.get("event")
         self.device = event.get("device") or self.device
@@ -283,69 +284,21 @@ class Job:
 
 
 class LocalJob(Job):
-    """A job run by a `pscv worker` process of its own, in its own session (so cancel reaches its tree)."""
+    """A job in a folder on this machine. Its events come from `source`: the worker this client started
+    (`processes.WorkerProcess`), or the folder's events.jsonl for a job found again (`EventLog`)."""
 
-    def __init__(self, folder, python: str | None = None, env: dict | None = None):
+    def __init__(self, folder, source):
         super().__init__(Path(folder).name)
         self.folder = Path(folder)
-        self._cancelled = False
-        self.process = start_worker(self.folder, python, env)
-        self._reader = threading.Thread(target=self._read, name=f"pscv-job-{self.id[:8]}", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue  # not an event
-            if isinstance(event, dict) and "event" in event:
-                self._deliver(event)
-        code = self.process.wait()
-        self.process.stdout.close()
-        if not self._ended:
-            self._worker_vanished(code)
-        self._finished.set()
-
-    def _worker_vanished(self, code: int) -> None:
-        """The worker ended without a last event: say how, so the folder reads as failed (or cancelled)."""
-        state = read_state_file(self.folder)  # the worker may have ended the job but died before saying so
-        if state is None or state["state"] == "done" and not self._results_present(state):
-            remove_results(self.folder)
-            if self._cancelled:
-                state = {"state": "cancelled", "message": "cancelled (the worker was stopped)"}
-            else:
-                how = f"was killed by signal {-code}" if code < 0 else f"ended with exit status {code}"
-                state = {"state": "error", "message": f"the worker process {how} before the job finished; "
-                         f"see {self.folder / LOG_FILE}"}
-            write_state(self.folder, state["state"], state["message"])
-        event = {"event": state["state"], "message": state.get("message"), "device": self.device,
-                 "time": round(time.time(), 3)}
-        if state["state"] == "done":
-            event["outputs"] = state.get("outputs", {})
-        append_event(self.folder, event)
-        self._deliver(event)
-
-    def _results_present(self, state: dict) -> bool:
-        return all((self.folder / name).exists() for name in state.get("outputs", {}).values())
+        self.source = source
+        self.process = getattr(source, "process", None)  # the worker's subprocess.Popen, when this client started it
+        self._follow(source.events())
 
     def cancel(self) -> None:
-        """Ask the worker to stop (cancel file + SIGTERM to its tree); kill the tree if it lingers. Returns at
-        once; the `cancelled` event follows (within about 2 seconds)."""
+        """Ask the worker to stop; returns at once, the `cancelled` event follows (within about 2 seconds)."""
         if self._finished.is_set() or self.finished:
             return
-        self._cancelled = True
-        try:
-            (self.folder / CANCEL_FILE).touch()
-        except OSError:
-            pass
-        if os.name == "posix":
-            signal_tree(self.process.pid, signal.SIGTERM)
-        threading.Thread(target=self._kill_if_lingering, daemon=True).start()
-
-    def _kill_if_lingering(self) -> None:
-        if not self._finished.wait(KILL_AFTER_SECONDS):
-            signal_tree(self.process.pid, getattr(signal, "SIGKILL", None))
+        self.source.cancel()
 
     def download(self, kind: str = "segmentation", destination=None) -> Path:
         """Copy a result out of the job folder (no destination: its path in the job folder)."""
@@ -360,96 +313,37 @@ class LocalJob(Job):
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-class FolderJob(LocalJob):
-    """A local job found again by its folder (its worker started by someone else): followed through
-    events.jsonl, cancelled through the cancel file."""
+class EventLog:
+    """The events of a job folder whose worker someone else started, read from its events.jsonl; cancelled
+    through the cancel file."""
 
     def __init__(self, folder):
-        Job.__init__(self, Path(folder).name)
         self.folder = Path(folder)
-        self._cancelled = False
-        self.process = None
-        self._reader = threading.Thread(target=self._tail, name=f"pscv-job-{self.id[:8]}", daemon=True)
-        self._reader.start()
 
-    def _tail(self) -> None:
-        offset = 0
+    def events(self):
+        offset, ended, device = 0, False, None
         while True:
             events, offset = read_events(self.folder, offset)
             for event in events:
-                self._deliver(event)
-            if self._ended:
-                break
+                device = event.get("device") or device
+                ended = ended or event.get("event") in FINAL_STATES
+                yield event
+            if ended:
+                return
             state = read_state(self.folder)
             if state["state"] in FINAL_STATES:  # ended without its event (a killed worker)
                 events, offset = read_events(self.folder, offset)
                 for event in events:
-                    self._deliver(event)
-                if not self._ended:
-                    self._deliver({"event": state["state"], "message": state.get("message"),
-                                   "outputs": state.get("outputs", {}), "device": self.device})
-                break
+                    ended = ended or event.get("event") in FINAL_STATES
+                    yield event
+                if not ended:
+                    yield {"event": state["state"], "message": state.get("message"),
+                           "outputs": state.get("outputs", {}), "device": device}
+                return
             time.sleep(0.2)
-        self._finished.set()
 
     def cancel(self) -> None:
-        if not self.finished:
-            (self.folder / CANCEL_FILE).touch()
-
-
-def worker_environment(env: dict | None = None) -> dict:
-    """The environment of a worker: this pscv first on PYTHONPATH, unbuffered output."""
-    environment = dict(os.environ if env is None else env)
-    package_parent = str(Path(__file__).resolve().parents[2])  # the folder holding this pscv
-    environment["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, environment.get("PYTHONPATH")) if p)
-    environment["PYTHONUNBUFFERED"] = "1"
-    return environment
-
-
-def start_worker(folder: Path, python: str | None = None, env: dict | None = None) -> subprocess.Popen:
-    """`python -m pscv worker FOLDER` in a session of its own, stdout piped, stderr to FOLDER/worker.log."""
-    command = [python or sys.executable, "-m", "pscv", "worker", str(folder)]
-    if os.name == "posix":
-        platform = {"start_new_session": True}
-    else:
-        platform = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)}
-    with open(folder / LOG_FILE, "ab") as log:
-        try:
-            return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-                                    cwd=str(folder), env=worker_environment(env), **platform)
-        except OSError as error:
-            raise PSCVError(f"cannot start the worker ({' '.join(command[:2])}): {error}; check the python "
-                            "given to JobClient(python=...)") from None
-
-
-def signal_tree(pid: int, sig) -> None:
-    """Send `sig` to a process and all its descendants (SIGKILL, or None on Windows: kill them)."""
-    targets = []
-    try:
-        import psutil
-
-        try:
-            parent = psutil.Process(pid)
-            targets = parent.children(recursive=True) + [parent]
-        except psutil.NoSuchProcess:
-            targets = []
-        for process in targets:
-            try:
-                process.kill() if sig is None else process.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
-    except ImportError:
-        pass
-    if os.name == "posix" and sig is not None:
-        try:
-            os.killpg(pid, sig)  # its session: the worker and whatever it started
-        except (ProcessLookupError, PermissionError):
-            pass
-    elif not targets:
-        try:
-            os.kill(pid, signal.SIGTERM)  # Windows without psutil: TerminateProcess
-        except OSError:
-            pass
+        (self.folder / CANCEL_FILE).touch()
 
 
 def copy_result(source: Path, kind: str, destination) -> Path:
@@ -477,10 +371,10 @@ class RemoteJob(Job):
         self.client = client
         self._received = 0
         self._path = f"/jobs/{urllib.parse.quote(job_id, safe='')}"
-        self._reader = threading.Thread(target=self._follow, name=f"pscv-job-{job_id[:8]}", daemon=True)
-        self._reader.start()
+        self._follow(self._stream())
 
-    def _follow(self) -> None:
+    def _stream(self):
+        """The job's events from the service's event stream, reconnecting (backing off) when it drops."""
         failures = 0
         while not self._ended:
             try:
@@ -489,30 +383,29 @@ class RemoteJob(Job):
                     failures = 0
                     for event in _server_sent_events(response):
                         self._received += 1
-                        self._deliver(event)
+                        yield event
                         if self._ended:
                             break
             except ServiceUnreachable as error:
                 failures += 1
                 if failures > RECONNECT_TRIES:
-                    self._give_up(str(error))
+                    yield self._lost(str(error))
                     break
                 time.sleep(min(0.5 * 2 ** failures, 10.0))
             except PSCVError as error:
-                self._give_up(str(error))
+                yield self._lost(str(error))
                 break
             except OSError as error:  # the connection dropped while reading
                 failures += 1
                 if failures > RECONNECT_TRIES:
-                    self._give_up(f"lost the connection ({error})")
+                    yield self._lost(f"lost the connection ({error})")
                     break
                 time.sleep(min(0.5 * 2 ** failures, 10.0))
-        self._finished.set()
 
-    def _give_up(self, reason: str) -> None:
-        self._deliver({"event": "error", "device": self.device, "time": round(time.time(), 3),
-                       "message": f"lost contact with job {self.id} on {self.client.server_url}: {reason}. The job "
-                                  f"may still run there: JobClient(url).job({self.id!r}) follows it again"})
+    def _lost(self, reason: str) -> dict:
+        return {"event": "error", "device": self.device, "time": round(time.time(), 3),
+                "message": f"lost contact with job {self.id} on {self.client.server_url}: {reason}. The job "
+                           f"may still run there: JobClient(url).job({self.id!r}) follows it again"}
 
     def cancel(self) -> None:
         """Ask the service to cancel the job; the `cancelled` event follows."""

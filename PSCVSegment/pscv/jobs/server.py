@@ -14,7 +14,7 @@ GET    /jobs/{id}/result/model         the model folder as a zip
 DELETE /jobs/{id}                      an ended job and its files
 ```
 
-Every job is a job folder (pscv.jobs) under ROOT/jobs/<id>, run by a `pscv worker` process; the queue runs
+Every job is a job folder (pscv.jobs.folder) under ROOT/jobs/<id>, run by a `pscv worker` process; the queue runs
 one job at a time per GPU (`--gpus N`: N at once, the n-th runner's worker sees only GPU n). Everything is
 on disk, so a restarted service serves the results it had and runs the jobs still queued.
 
@@ -42,7 +42,6 @@ from typing import Annotated, Dict, List, Optional
 
 from .. import PSCVError, __version__
 from ..base.atomic import atomic_path, write_text_atomic
-from .client import LocalJob, signal_tree
 from .folder import (
     CANCEL_FILE,
     FINAL_STATES,
@@ -60,6 +59,7 @@ from .folder import (
     write_job,
     write_state,
 )
+from .processes import WorkerProcess, signal_tree
 from .staging import job_inputs, store_upload, zip_folder
 
 KEEPALIVE_SECONDS = 10.0  # a comment line on idle event streams, so clients and proxies know it lives
@@ -86,7 +86,7 @@ class Service:
         self.gpus, self.python, self.max_upload_bytes = max(1, int(gpus)), python, int(max_upload_bytes)
         self.lock = threading.Lock()
         self.pending: queue.Queue = queue.Queue()
-        self.running: Dict[str, LocalJob] = {}
+        self.running: Dict[str, WorkerProcess] = {}
         self.stopping = threading.Event()
         self.threads: List[threading.Thread] = []
 
@@ -103,10 +103,10 @@ class Service:
         self.stopping.set()
         with self.lock:
             running = list(self.running.values())
-        for job in running:
-            job.cancel()
-        for job in running:
-            job.wait(wait)
+        for worker in running:
+            worker.cancel()
+        for worker in running:
+            worker.done.wait(wait)
 
     def recover(self) -> None:
         """After a restart: drop half-received uploads, fail the jobs that were running, queue the rest."""
@@ -142,12 +142,12 @@ class Service:
                 if not (folder / JOB_FILE).is_file() or read_state(folder)["state"] != "queued":
                     continue  # cancelled or deleted while it waited
                 try:
-                    job = LocalJob(folder, self.python, env)
+                    worker = WorkerProcess(folder, self.python, env)
                 except PSCVError as error:  # the worker could not start: this job fails, the queue goes on
                     self._end_job(folder, "error", str(error))
                     continue
-                self.running[job_id] = job
-            job.wait()
+                self.running[job_id] = worker
+            worker.run()
             with self.lock:
                 self.running.pop(job_id, None)
 
@@ -220,9 +220,9 @@ class Service:
     def cancel(self, job_id: str) -> dict:
         folder = self.folder(job_id)
         with self.lock:
-            job = self.running.get(job_id)
-            if job is not None:
-                job.cancel()
+            worker = self.running.get(job_id)
+            if worker is not None:
+                worker.cancel()
                 return {"id": job_id, "state": "cancelling"}
             state = read_state(folder)["state"]
             if state == "queued":
