@@ -885,8 +885,8 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
 
     def exportDicomSeg(self, segmentationNode, volumeNode, path):
         """DICOM-SEG through the engine's writer (highdicom), referencing the volume's DICOM series."""
+        from pscv.data.dicom_seg import write_dicom_seg
         from pscv.data.geometry import volume_from_ijk_to_ras
-        from pscv.data.segmentations import write_dicom_seg
         from pscv.slicer_inputs import classes_from_names
 
         uids = self.dicomInstanceUids(volumeNode)

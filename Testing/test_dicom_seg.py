@@ -1,4 +1,4 @@
-"""pscv.segfiles.write_dicom_seg: DICOM-SEG with highdicom, checked with highdicom, pydicom, dciodvfy and dcmqi.
+"""pscv.data.dicom_seg.write_dicom_seg: DICOM-SEG with highdicom, checked with highdicom, pydicom, dciodvfy and dcmqi.
 
 Real files: the dcmqi CT series ct-3slice with dcmqi's own DICOM-SEG of it (liver.dcm, made from
 liver_seg.nrrd), the tiny dcmqi series 23x38x3 with its SEG (seg/label.seg) and an enhanced multi-frame CT
@@ -21,7 +21,8 @@ from dicom_series_helper import write_ct_series
 
 from pscv import PSCVError, __version__
 from pscv.data.classes import ClassInfo
-from pscv.data.segmentations import read_segmentation, write_dicom_seg, write_segmentation
+from pscv.data.dicom_seg import write_dicom_seg
+from pscv.data.segmentations import read_segmentation, write_segmentation
 from pscv.data.volumes import read_image
 
 DATA = Path(__file__).parent / "Data" / "formats"

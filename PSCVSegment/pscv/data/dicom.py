@@ -1,7 +1,7 @@
 """DICOM series on disk: find the series in a folder, pick one, read it as a 3-D image.
 
 Only SimpleITK (GDCM) is needed here, so reading a DICOM image works without pydicom; writing DICOM-SEG
-(`pscv.segfiles.write_dicom_seg`) needs the optional `pydicom` and `highdicom` packages.
+(`pscv.data.dicom_seg.write_dicom_seg`) needs the optional `pydicom` and `highdicom` packages.
 """
 
 from __future__ import annotations
