@@ -1,6 +1,7 @@
 """The `pscv` command line as a user runs it: real subprocesses, real files, slicerio reading our output."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -88,3 +89,32 @@ def test_errors_are_one_clear_line_and_exit_2(tmp_path, arguments, message):
     result = pscv(*arguments, check=False)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_texts_and_the_readme_name_the_formats_of_the_one_table():
+    """File suffixes live in pscv.data.formats only; the command line and the README's format table agree."""
+    from pscv import cli
+    from pscv.data import formats
+
+    subparsers = next(a for a in cli.build_parser()._actions if a.dest == "command")
+
+    def argument(command, name):
+        return next(a for a in subparsers.choices[command]._actions if a.dest == name)
+
+    assert list(argument("predict", "format").choices) == list(formats.SEGMENTATION_SUFFIXES)
+    assert list(argument("export", "to").choices) == list(formats.EXPORT_FORMATS)
+    for command, name, suffixes in [("segment", "out", formats.SEGMENTATION_SUFFIXES),
+                                    ("predict", "out", formats.SEGMENTATION_SUFFIXES),
+                                    ("segment", "image", formats.IMAGE_SUFFIXES),
+                                    ("export", "segmentation", formats.READABLE_SEGMENTATION_SUFFIXES)]:
+        named = re.findall(r"\.[a-z][a-z.]*[a-z]", argument(command, name).help)
+        assert sorted(set(named)) == sorted(set(suffixes)), (command, name, named)
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip().strip("|").split("|")]
+                                          for line in readme.splitlines() if line.startswith("| "))}
+    for table_format in (*formats.IMAGE_FORMATS, formats.SLICER_SEGMENTATION):
+        _, extensions, read, written = rows[table_format.name]
+        assert re.findall(r"`(\.[^`]+)`", re.sub(r"\(.*?\)", "", extensions)) == list(table_format.suffixes)
+        assert re.findall(r"`(\.[^`]+)`", written) == list(table_format.written), table_format.name
+        assert table_format not in formats.IMAGE_FORMATS or read == "images; label maps", table_format.name
+    assert f"--to {'|'.join(formats.EXPORT_FORMATS)}]" in readme

@@ -14,6 +14,19 @@ import time
 from pathlib import Path
 
 from . import PSCVError, __version__
+from .data.formats import (
+    EXPORT_FORMATS,
+    IMAGE_FORMATS,
+    IMAGE_SUFFIXES,
+    ONE_FILE_SUFFIXES,
+    SEG_NRRD,
+    SEGMENTATION_SUFFIXES,
+    listing,
+)
+
+# Help texts naming file formats, from the one table of them (pscv.data.formats).
+IMAGE_HELP = f"{listing([f.name for f in IMAGE_FORMATS])} ({', '.join(IMAGE_SUFFIXES)})"
+SEGMENTATION_HELP = f"{SEG_NRRD} (3D Slicer) or a label map ({listing(ONE_FILE_SUFFIXES)})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,11 +162,11 @@ def _add_segment(subparsers):
         "segment", help="train on one image's own clicks, then segment all of it",
         description="The single-case mode: train a network on the clicks placed on this image, then segment "
         "every slice. Place one or more points per class (background included) on some slices.")
-    parser.add_argument("image", help="the image: NRRD, NIfTI, MHA or a DICOM series folder")
+    parser.add_argument("image", help=f"the image: {IMAGE_HELP}, or a DICOM series folder")
     parser.add_argument("--points", nargs="+", required=True, metavar="CLICKS",
                         help="markups files (.mrk.json, .fcsv): point lists named after the classes")
     parser.add_argument("--classes", required=True, help="classes.json: names, label values, colors")
-    parser.add_argument("--out", required=True, help="the segmentation: .seg.nrrd (3D Slicer), .nrrd or .nii.gz")
+    parser.add_argument("--out", required=True, help=f"the segmentation: {SEGMENTATION_HELP}")
     parser.add_argument("--save-model", metavar="DIR", help="also save the trained model in this folder")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--server", metavar="URL", help="run the job on a `pscv serve` service (e.g. "
@@ -223,9 +236,10 @@ def _run_segment_on_server(args, volume, classes):
 def _add_train(subparsers):
     parser = subparsers.add_parser(
         "train", help="train a model on a dataset folder",
-        description="Train on a dataset folder: DATASET/classes.json, DATASET/images/<case>.nrrd|.nii.gz, "
-        "DATASET/points/<case>.mrk.json (and DATASET/labels/<case>.* for --method full). The model folder gets "
-        "model.safetensors, model.json and model_card.json (classes, settings, data, device, time, validation Dice).")
+        description="Train on a dataset folder: DATASET/classes.json, DATASET/images/<case>"
+        f"{'|'.join(IMAGE_SUFFIXES)}, DATASET/points/<case>.mrk.json (and DATASET/labels/<case>.* for --method "
+        "full). The model folder gets model.safetensors, model.json and model_card.json (classes, settings, data, "
+        "device, time, validation Dice).")
     parser.add_argument("dataset", help="the dataset folder")
     parser.add_argument("--out", required=True, help="folder to write the model to (model.safetensors + model.json)")
     parser.add_argument("--val", metavar="DATASET", help="a dataset folder with labels/ (same classes): the model's "
@@ -402,9 +416,9 @@ def _add_predict(subparsers):
     parser.add_argument("image", help="an image file, or a folder of images")
     parser.add_argument("--model", required=True, help="a model folder written by pscv train or segment")
     parser.add_argument("--out", required=True,
-                        help="output file (.seg.nrrd, .nrrd, .nii.gz) for one image; a folder for a folder")
-    parser.add_argument("--format", default=".seg.nrrd", choices=[".seg.nrrd", ".nrrd", ".nii.gz"],
-                        help="file type written for each image of a folder (default .seg.nrrd)")
+                        help=f"output file for one image: {SEGMENTATION_HELP}; a folder for a folder")
+    parser.add_argument("--format", default=SEG_NRRD, choices=SEGMENTATION_SUFFIXES,
+                        help=f"file type written for each image of a folder (default {SEG_NRRD})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.set_defaults(run=_run_predict)
@@ -557,12 +571,13 @@ def _run_bench(args):
 
 def _add_export(subparsers):
     parser = subparsers.add_parser(
-        "export", help="convert a segmentation to DICOM-SEG, NIfTI, NRRD or 3D Slicer .seg.nrrd",
+        "export", help=f"convert a segmentation to DICOM-SEG, {', '.join(f.name for f in IMAGE_FORMATS if f.export)} "
+        f"or 3D Slicer {SEG_NRRD}",
         description="Convert SEG (a .seg.nrrd or a label map) to another format. DICOM-SEG references the DICOM "
         "series given by --reference; for the other formats --reference (an image or DICOM folder) is optional "
         "and puts the segmentation on that image's grid.")
-    parser.add_argument("segmentation", metavar="SEG", help="a .seg.nrrd or label map (.nrrd, .nii.gz, .mha)")
-    parser.add_argument("--to", choices=["dicom-seg", "nifti", "nrrd", "seg.nrrd"],
+    parser.add_argument("segmentation", metavar="SEG", help=f"a {SEG_NRRD} or label map ({', '.join(IMAGE_SUFFIXES)})")
+    parser.add_argument("--to", choices=list(EXPORT_FORMATS),
                         help="output format (default: from the --out extension)")
     parser.add_argument("--reference", help="the source image: for dicom-seg the DICOM series folder (required)")
     parser.add_argument("--series", help="SeriesInstanceUID, when the --reference folder holds several series")

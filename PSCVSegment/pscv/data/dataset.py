@@ -2,7 +2,7 @@
 
 ```
 DATASET/classes.json
-DATASET/images/<case>.nrrd | .nii.gz | .nii | .mha     the images
+DATASET/images/<case>.nrrd | .nii.gz | ...             the images (formats.IMAGE_SUFFIXES)
 DATASET/points/<case>.mrk.json                         the clicks (cases without are skipped for training)
 DATASET/labels/<case>.nrrd | ...                       optional dense truth: evaluation and `full` only
 ```
@@ -18,10 +18,9 @@ import numpy as np
 from .. import PSCVError
 from .classes import ClassInfo, read_classes
 from .clicks import Clicks, read_clicks
+from .formats import IMAGE_SUFFIXES
 from .segmentations import read_segmentation
 from .volumes import Volume, read_image
-
-IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii.gz", ".nii", ".mha", ".mhd")
 
 
 @dataclass

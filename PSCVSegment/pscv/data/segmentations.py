@@ -25,11 +25,17 @@ import numpy as np
 from .. import PSCVError
 from ..base.atomic import atomic_path
 from .classes import ClassInfo
+from .formats import (
+    DICOM_SEG_SUFFIX,
+    EXPORT_FORMATS,
+    IMAGE_FORMATS,
+    ONE_FILE_SUFFIXES,
+    READABLE_SEGMENTATION_SUFFIXES,
+    SEG_NRRD,
+    SEGMENTATION_SUFFIXES,
+    listing,
+)
 from .volumes import Volume, write_image
-
-SEG_NRRD = ".seg.nrrd"
-LABELMAP_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
-READABLE_LABELMAP_SUFFIXES = LABELMAP_SUFFIXES + (".nhdr", ".mhd", ".hdr")
 
 DEFAULT_TERMINOLOGY = {
     "contextName": "Segmentation category and type - 3D Slicer General Anatomy list",
@@ -104,13 +110,13 @@ def write_segmentation(path: str | Path, labelmap: np.ndarray, volume: Volume, c
     """Write a label map `[k, j, i]` on `volume`'s grid; the format follows the extension.
 
     `.seg.nrrd`: a 3D Slicer segmentation (one segment per non-background class, named and coloured as in
-    classes.json, even if empty); `.nrrd`, `.nii`, `.nii.gz`, `.mha`: the plain label map. Atomic.
+    classes.json, even if empty); a label map suffix (`formats.ONE_FILE_SUFFIXES`): the plain label map. Atomic.
     """
     path = Path(path)
     name = path.name.lower()
-    if not name.endswith(LABELMAP_SUFFIXES):
-        raise PSCVError(f"{path}: unknown segmentation format; use .seg.nrrd (3D Slicer), .nrrd, .nii, .nii.gz "
-                        "or .mha (label map), or write_dicom_seg for DICOM-SEG")
+    if not name.endswith(SEGMENTATION_SUFFIXES):
+        raise PSCVError(f"{path}: unknown segmentation format; use {SEG_NRRD} (3D Slicer), "
+                        f"{listing(ONE_FILE_SUFFIXES)} (label map), or write_dicom_seg for DICOM-SEG")
     labelmap = checked_labelmap(labelmap, volume, classes, path)
     if name.endswith(SEG_NRRD):
         _write_seg_nrrd(path, labelmap, volume, classes)
@@ -221,9 +227,9 @@ def _read_sitk(path: Path):
         raise PSCVError(f"{path}: is a folder; expected a .seg.nrrd or label map file (DICOM-SEG is not read)")
     if path.stat().st_size == 0:
         raise PSCVError(f"{path}: the file is empty")
-    if not path.name.lower().endswith(READABLE_LABELMAP_SUFFIXES):
-        raise PSCVError(f"{path}: unknown segmentation format; expected .seg.nrrd or a label map "
-                        f"({', '.join(READABLE_LABELMAP_SUFFIXES)})")
+    if not path.name.lower().endswith(READABLE_SEGMENTATION_SUFFIXES):
+        raise PSCVError(f"{path}: unknown segmentation format; expected {SEG_NRRD} or a label map "
+                        f"({', '.join(READABLE_SEGMENTATION_SUFFIXES[1:])})")
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as error:
@@ -398,27 +404,19 @@ def segmentation_classes(path: str | Path) -> list[ClassInfo]:
 # ---------------------------------------------------------------------------------------------------------
 # Export (the `pscv export` command)
 
-EXPORT_FORMATS = {  # --to: the extensions its output may have
-    "seg.nrrd": (SEG_NRRD,),
-    "nrrd": (".nrrd",),
-    "nifti": (".nii", ".nii.gz"),
-    "dicom-seg": (),  # any name; .dcm is usual
-}
-
-
 def export_format(out: str | Path, to: str | None) -> str:
     """The output format: `to`, checked against the output's extension, or guessed from it."""
     name = Path(out).name.lower()
     if to is None:
         if name.endswith(SEG_NRRD):
             return "seg.nrrd"
-        for fmt in ("nrrd", "nifti"):
+        for fmt in (f.export for f in IMAGE_FORMATS if f.export):
             if name.endswith(EXPORT_FORMATS[fmt]):
                 return fmt
-        if name.endswith(".dcm"):
+        if name.endswith(DICOM_SEG_SUFFIX):
             return "dicom-seg"
-        raise PSCVError(f"{out}: cannot tell the format from the name; give --to "
-                        f"{'|'.join(EXPORT_FORMATS)} or end the name in .seg.nrrd, .nrrd, .nii.gz or .dcm")
+        raise PSCVError(f"{out}: cannot tell the format from the name; give --to {'|'.join(EXPORT_FORMATS)} or end "
+                        f"the name in {listing([*SEGMENTATION_SUFFIXES, DICOM_SEG_SUFFIX])}")
     if to not in EXPORT_FORMATS:
         raise PSCVError(f"--to {to}: unknown format; choose one of {', '.join(EXPORT_FORMATS)}")
     suffixes = EXPORT_FORMATS[to]
@@ -430,7 +428,7 @@ def export_format(out: str | Path, to: str | None) -> str:
 
 def export_segmentation(source: str | Path, out: str | Path, to: str | None = None, reference=None,
                         series_uid: str | None = None, classes: list[ClassInfo] | None = None) -> str:
-    """Convert a `.seg.nrrd` or label map to `to` (seg.nrrd, nrrd, nifti, dicom-seg); returns the format.
+    """Convert a `.seg.nrrd` or label map to `to` (a format of `formats.EXPORT_FORMATS`); returns the format.
 
     `classes` default to the segments of a `.seg.nrrd`. `reference` is the image the segmentation belongs
     to: required for DICOM-SEG (the DICOM series folder, `series_uid` picking one series); for the other

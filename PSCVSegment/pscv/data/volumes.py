@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import PSCVError
+from .formats import ONE_FILE_SUFFIXES
 
 
 @dataclass
@@ -171,10 +172,6 @@ def to_sitk(volume: Volume):
     return image
 
 
-# Formats that SimpleITK writes as one file; detached headers (.mhd + .raw, .nhdr) cannot be renamed atomically.
-WRITABLE_IMAGE_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
-
-
 def write_image(volume: Volume, path: str | Path) -> None:
     """Write an image or label map (type kept) with its geometry; the file appears atomically."""
     import SimpleITK as sitk
@@ -182,7 +179,7 @@ def write_image(volume: Volume, path: str | Path) -> None:
     from ..base.atomic import atomic_path
 
     path = Path(path)
-    if not path.name.lower().endswith(WRITABLE_IMAGE_SUFFIXES):
-        raise PSCVError(f"{path}: cannot write this image format; use one of {', '.join(WRITABLE_IMAGE_SUFFIXES)}")
+    if not path.name.lower().endswith(ONE_FILE_SUFFIXES):  # a detached header cannot be renamed atomically
+        raise PSCVError(f"{path}: cannot write this image format; use one of {', '.join(ONE_FILE_SUFFIXES)}")
     with atomic_path(path) as temporary:
         sitk.WriteImage(to_sitk(volume), str(temporary), useCompression=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .. import PSCVError
 from ..base.atomic import write_text_atomic
+from ..data.formats import SEGMENTATION_SUFFIXES
 
 VERSION = 1
 JOB_FILE, EVENTS_FILE, STATE_FILE, CANCEL_FILE = "job.json", "events.jsonl", "state.json", "cancel"
@@ -41,7 +42,6 @@ DEFAULT_OUTPUTS = {
     "predict": {"segmentation": "result.seg.nrrd"},
     "finetune": {"segmentation": "result.seg.nrrd", "model": "result-model"},
 }
-SEGMENTATION_SUFFIXES = (".seg.nrrd", ".nrrd", ".nii.gz", ".nii", ".mha")
 
 
 @dataclass

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .. import PSCVError
+from ..data.formats import ONE_FILE_SUFFIXES, listing
 
-SINGLE_FILE_IMAGES = (".nrrd", ".nii.gz", ".nii", ".mha")
 SAFE_STEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _-]{0,63}")
 CONVERTED_IMAGE = "image.nrrd"  # where a two-file image goes, as one file
 CLASSES_FILE = "classes.json"
@@ -42,7 +42,7 @@ class Input:
 def image_name(filename: str) -> str | None:
     """`image.<suffix>` for a one-file image format (by the name's ending), else None."""
     lower = str(filename).lower()
-    for suffix in SINGLE_FILE_IMAGES:
+    for suffix in ONE_FILE_SUFFIXES:
         if lower.endswith(suffix):
             return "image" + suffix
     return None
@@ -131,8 +131,8 @@ def store_upload(folder: Path, role: str, number: int, filename: str, stream, ma
         name = image_name(filename)
         if name is None:
             if not filename.lower().endswith(".zip"):
-                raise PSCVError(f"image {filename[:80]!r}: send .nrrd, .nii.gz, .nii, .mha, or a .zip of a DICOM "
-                                "series folder")
+                raise PSCVError(f"image {filename[:80]!r}: send {listing(ONE_FILE_SUFFIXES)}, or a .zip of a "
+                                "DICOM series folder")
             unpacked = extract_zip(stream, folder / "image", max_unpacked, "image (a zip of a DICOM folder)")
             return unpacked.relative_to(folder).as_posix()
     elif role == "points":
