@@ -271,6 +271,35 @@ def poly_learning_rate(settings: TrainSettings, step: int) -> float:
     return settings.learning_rate * (1 - step / settings.iterations) ** 0.9
 
 
+@dataclass
+class TrainingRun:
+    """What one training run carries from step to step (`setup_run` makes it, `train_step` advances it)."""
+
+    settings: TrainSettings
+    processes: distributed.Processes
+    device: torch.device
+    generator: torch.Generator  # which slices each step draws (seed + rank)
+    augmenter: torch.Generator  # the batch-wide flip/turn (the generator itself with one process)
+    data: TrainingTensors  # this process's slices, on its device
+    totals: dict  # the whole data set: {"slices", "clicks"}
+    network_shape: dict
+    network: torch.nn.Module  # the network being trained (SyncBatchNorm-converted where synchronised)
+    forward: torch.nn.Module  # what the batches go through: the network, or DistributedDataParallel around it
+    optimizer: torch.optim.Optimizer
+    teacher: torch.nn.Module | None  # the EMA teacher of the pseudo-labels
+    batch_size: int
+    description: dict  # checkpoints.run_description: what a checkpoint must match to be resumed
+    synchronised: bool  # SyncBatchNorm across the processes
+    history: list = field(default_factory=list)
+    first_step: int = 0
+    seconds_before: float = 0.0  # spent by the runs this one resumes
+    started: float = 0.0
+
+    @property
+    def use_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
 def train(cases: list[Case], classes: list[ClassInfo], settings: TrainSettings | None = None,
           progress=None, should_stop=None, initial: Model | None = None, checkpoint_dir=None,
           checkpoint_every: int = 0, resume=None) -> Model:
@@ -293,16 +322,48 @@ def train(cases: list[Case], classes: list[ClassInfo], settings: TrainSettings |
     The loss history is in `model.metadata["history"]` (step, loss terms) for curves.
     """
     settings = settings or TrainSettings()
+    run = setup_run(cases, classes, settings, progress, should_stop, initial)
+    if resume is not None:
+        restore_run(run, resume)
+    run.started = time.monotonic()
+    if run.processes.size > 1:
+        device_ids = [run.device] if run.use_cuda else None
+        run.forward = torch.nn.parallel.DistributedDataParallel(run.network, device_ids=device_ids)
+    progress = progress if run.processes.main else None
+    local_stop = None if run.processes.size > 1 else should_stop
+    reporter = Reporter("train", settings.iterations, progress, local_stop, device=str(run.device),
+                        first_step=run.first_step)
+    run.forward.train()
+    for step in range(run.first_step, settings.iterations):
+        loss, terms = train_step(run, step)
+        if step % 10 == 0 or step == settings.iterations - 1:  # reading the loss waits for the device
+            if record_step(run, step, loss, terms, should_stop):  # asked on any process: all stop here
+                save_checkpoint(run, checkpoint_dir, step + 1)
+                raise Cancelled(f"train cancelled at step {step + 1} of {settings.iterations}")
+        try:
+            reporter.step(step + 1, run.history[-1]["loss"] if run.history else None)
+        except Cancelled:
+            save_checkpoint(run, checkpoint_dir, step + 1)
+            raise
+        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < settings.iterations:
+            save_checkpoint(run, checkpoint_dir, step + 1)
+    return finish_model(run, classes, len(cases), resumed=resume is not None)
+
+
+def setup_run(cases, classes, settings: TrainSettings, progress=None, should_stop=None,
+              initial: Model | None = None) -> TrainingRun:
+    """Join the other processes (if any), seed, load the training slices onto the device and build the
+    network (from `initial`'s weights when fine-tuning), its optimiser and its EMA teacher."""
     processes = distributed.from_environment()
     several = processes.size > 1
     device = distributed.join(processes, settings.device)
-    progress = progress if processes.main else None
     torch.manual_seed(settings.seed)
     # Slices are drawn with seed + rank; the batch-wide flip/turn is one for all processes (with one process
     # both come from one generator, as they always did).
     generator = torch.Generator().manual_seed(settings.seed + processes.rank)
     augmenter = torch.Generator().manual_seed(settings.seed + processes.size) if several else generator
-    reporter = Reporter("load", 1, progress, None if several else should_stop, device=str(device))
+    reporter = Reporter("load", 1, progress if processes.main else None, None if several else should_stop,
+                        device=str(device))
     reporter.step(0, force=True)
     data = build_training_tensors(cases, classes, settings, torch.device("cpu"))
     totals = {"slices": len(data.images), "clicks": int((data.sparse != IGNORE).sum().item())}
@@ -317,11 +378,10 @@ def train(cases: list[Case], classes: list[ClassInfo], settings: TrainSettings |
     if several:
         torch.manual_seed(settings.seed + processes.rank)  # same initial weights, dropout of its own
     network = network.to(device)
-    use_cuda = device.type == "cuda"
-    if use_cuda:
+    if device.type == "cuda":
         network = network.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
-    synchronised = several and use_cuda and settings.sync_batchnorm  # SyncBatchNorm needs GPUs
+    synchronised = several and device.type == "cuda" and settings.sync_batchnorm  # SyncBatchNorm needs GPUs
     if synchronised:
         network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
     optimizer = torch.optim.SGD(network.parameters(), lr=settings.learning_rate, momentum=settings.momentum,
@@ -329,91 +389,99 @@ def train(cases: list[Case], classes: list[ClassInfo], settings: TrainSettings |
     teacher = None
     if settings.pseudo_weight and settings.method != "full":
         teacher = copy.deepcopy(network).eval().requires_grad_(False)
-    pseudo_from = int(settings.pseudo_start * settings.iterations)
-    count = len(data.images)
-    batch_size = min(settings.batch_size, count) if settings.method == "full" else settings.batch_size
-    run = checkpoints.run_description(classes, network_shape, settings.to_dict(), processes.size, totals)
-    history, first_step, seconds_before = [], 0, 0.0
-    if resume is not None:
-        resume = checkpoints.checkpoint_file(resume)
-        tensors, state = checkpoints.load_checkpoint(resume)
-        checkpoints.check_compatible(resume, state["run"], run)
-        randoms = checkpoints.restore(resume, tensors, state, network, optimizer, teacher, processes.rank)
-        checkpoints.set_random_states(randoms, generator, augmenter, device)
-        history, first_step, seconds_before = state["history"], state["step"], state["seconds"]
-    started = time.monotonic()
+    batch_size = min(settings.batch_size, len(data.images)) if settings.method == "full" else settings.batch_size
+    description = checkpoints.run_description(classes, network_shape, settings.to_dict(), processes.size, totals)
+    return TrainingRun(settings, processes, device, generator, augmenter, data, totals, network_shape, network,
+                       network, optimizer, teacher, batch_size, description, synchronised)
 
-    def save_checkpoint(steps_done: int) -> None:  # every process gives its random states, rank 0 writes
-        if checkpoint_dir is None:
-            return
-        randoms = distributed.gather_objects(checkpoints.random_states(generator, augmenter, device))
-        if processes.main:
-            state = {"step": steps_done, "run": run, "optimizer": checkpoints.optimizer_description(optimizer),
-                     "history": history, "seconds": seconds_before + time.monotonic() - started}
-            checkpoints.save_checkpoint(Path(checkpoint_dir) / checkpoints.CHECKPOINT,
-                                        checkpoints.training_tensors(network, optimizer, teacher, randoms), state)
 
-    forward = network  # what the batches go through: the network, or DDP around it
-    if several:
-        forward = torch.nn.parallel.DistributedDataParallel(network, device_ids=[device] if use_cuda else None)
-    reporter = Reporter("train", settings.iterations, progress, None if several else should_stop,
-                        device=str(device), first_step=first_step)
-    forward.train()
-    for step in range(first_step, settings.iterations):
-        index = torch.randint(0, count, (batch_size,), generator=generator).to(device)
-        images, sparse = data.images[index], data.sparse[index]
-        dense = None if data.dense is None else data.dense[index]
-        if settings.augment == "flip":
-            images, sparse, dense = augment_batch([images, sparse, dense], augmenter)
-        for group in optimizer.param_groups:
-            group["lr"] = poly_learning_rate(settings, step)
-        if use_cuda:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_cuda):
-            logits = forward(images)
-            teacher_probabilities = None
-            if teacher is not None and step >= pseudo_from:
-                with torch.no_grad():
-                    teacher_probabilities = teacher(images).float().softmax(dim=1)
-        terms = loss_terms(logits, images, sparse, dense, data.present[index], settings, step, teacher_probabilities)
-        loss = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if teacher is not None:
-            update_teacher(teacher, network, settings.ema_decay)
-        record = step % 10 == 0 or step == settings.iterations - 1
-        if record:  # reading the loss waits for the device, so only every 10 steps
-            stop = several and should_stop is not None and should_stop()
-            values, stop = distributed.mean_and_any({"loss": loss, **terms}, stop)
-            history.append({"step": step, **values})
-            if not math.isfinite(history[-1]["loss"]):
-                raise PSCVError(f"training diverged at step {step} (loss {history[-1]['loss']}); lower the "
-                                "learning rate or the loss weights")
-            if stop:  # asked on any process: all stop here, after the same step
-                save_checkpoint(step + 1)
-                raise Cancelled(f"train cancelled at step {step + 1} of {settings.iterations}")
-        try:
-            reporter.step(step + 1, history[-1]["loss"] if history else None)
-        except Cancelled:
-            save_checkpoint(step + 1)
-            raise
-        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < settings.iterations:
-            save_checkpoint(step + 1)
-    seconds = seconds_before + time.monotonic() - started
+def restore_run(run: TrainingRun, resume) -> None:
+    """Go on from a checkpoint (or its folder) of the same run: its weights, optimiser, random states, step,
+    loss history and time spent."""
+    resume = checkpoints.checkpoint_file(resume)
+    tensors, state = checkpoints.load_checkpoint(resume)
+    checkpoints.check_compatible(resume, state["run"], run.description)
+    randoms = checkpoints.restore(resume, tensors, state, run.network, run.optimizer, run.teacher, run.processes.rank)
+    checkpoints.set_random_states(randoms, run.generator, run.augmenter, run.device)
+    run.history, run.first_step, run.seconds_before = state["history"], state["step"], state["seconds"]
+
+
+def train_step(run: TrainingRun, step: int):
+    """One step: draw a batch, augment it, forward, the loss terms, backward, update (and the teacher).
+    Returns the loss and its terms (tensors on the device: reading them waits for it)."""
+    settings, data = run.settings, run.data
+    index = torch.randint(0, len(data.images), (run.batch_size,), generator=run.generator).to(run.device)
+    images, sparse = data.images[index], data.sparse[index]
+    dense = None if data.dense is None else data.dense[index]
+    if settings.augment == "flip":
+        images, sparse, dense = augment_batch([images, sparse, dense], run.augmenter)
+    for group in run.optimizer.param_groups:
+        group["lr"] = poly_learning_rate(settings, step)
+    if run.use_cuda:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device_type=run.device.type, dtype=torch.bfloat16, enabled=run.use_cuda):
+        logits = run.forward(images)
+        teacher_probabilities = None
+        if run.teacher is not None and step >= int(settings.pseudo_start * settings.iterations):
+            with torch.no_grad():
+                teacher_probabilities = run.teacher(images).float().softmax(dim=1)
+    terms = loss_terms(logits, images, sparse, dense, data.present[index], settings, step, teacher_probabilities)
+    loss = sum(terms.values())
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    if run.teacher is not None:
+        update_teacher(run.teacher, run.network, settings.ema_decay)
+    return loss, terms
+
+
+def record_step(run: TrainingRun, step: int, loss, terms: dict, should_stop) -> bool:
+    """Add the step's loss (mean over the processes) to the history; whether any process was asked to stop
+    (with several processes `should_stop` is asked here, so that all stop after the same step)."""
+    stop = run.processes.size > 1 and should_stop is not None and should_stop()
+    values, stop = distributed.mean_and_any({"loss": loss, **terms}, stop)
+    run.history.append({"step": step, **values})
+    if not math.isfinite(run.history[-1]["loss"]):
+        raise PSCVError(f"training diverged at step {step} (loss {run.history[-1]['loss']}); lower the "
+                        "learning rate or the loss weights")
+    return stop
+
+
+def save_checkpoint(run: TrainingRun, checkpoint_dir, steps_done: int) -> None:
+    """Write `checkpoint_dir/checkpoint.safetensors` (none without a folder): every process gives its random
+    states, rank 0 writes."""
+    if checkpoint_dir is None:
+        return
+    randoms = distributed.gather_objects(checkpoints.random_states(run.generator, run.augmenter, run.device))
+    if run.processes.main:
+        state = {"step": steps_done, "run": run.description,
+                 "optimizer": checkpoints.optimizer_description(run.optimizer), "history": run.history,
+                 "seconds": run.seconds_before + time.monotonic() - run.started}
+        checkpoints.save_checkpoint(Path(checkpoint_dir) / checkpoints.CHECKPOINT,
+                                    checkpoints.training_tensors(run.network, run.optimizer, run.teacher, randoms),
+                                    state)
+
+
+def finish_model(run: TrainingRun, classes, cases: int, resumed: bool) -> Model:
+    """The trained network (plain batch norm again where it was synchronised) with its metadata."""
+    settings, processes = run.settings, run.processes
+    seconds = run.seconds_before + time.monotonic() - run.started
+    network = run.network
     network.eval()
-    if synchronised:  # back to plain batch norm (same weights) for inference and saving
-        network = build_network(network_shape).to(device).eval()
-        network.load_state_dict(forward.module.state_dict())
-    images = (settings.iterations - first_step) * batch_size * processes.size
-    images_per_second = images / max(seconds - seconds_before, 1e-9)
+    if run.synchronised:  # back to plain batch norm (same weights) for inference and saving
+        network = build_network(run.network_shape).to(run.device).eval()
+        network.load_state_dict(run.forward.module.state_dict())
+    images = (settings.iterations - run.first_step) * run.batch_size * processes.size
+    images_per_second = images / max(seconds - run.seconds_before, 1e-9)
     metadata = build_metadata(
-        classes, settings.normalization, network_shape, settings.method, settings.to_dict(),
-        training={**totals, "cases": len(cases), "seconds": round(seconds, 2), "device": str(device),
+        classes, settings.normalization, run.network_shape, settings.method, settings.to_dict(),
+        training={**run.totals, "cases": cases, "seconds": round(seconds, 2), "device": str(run.device),
                   "images_per_second": round(images_per_second, 1), "processes": processes.size,
-                  "global_batch": batch_size * processes.size, "resumed_from_step": first_step if resume else None,
-                  "device_name": torch.cuda.get_device_name(device) if use_cuda else platform.processor() or None,
+                  "global_batch": run.batch_size * processes.size,
+                  "resumed_from_step": run.first_step if resumed else None,
+                  "device_name": torch.cuda.get_device_name(run.device) if run.use_cuda
+                  else platform.processor() or None,
                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds")},
-        history=history,
+        history=run.history,
     )
     return Model(network.to(memory_format=torch.contiguous_format), metadata)
