@@ -325,8 +325,7 @@ async def _send_json(send, status: int, detail: str, headers: Optional[dict] = N
 def create_app(root, token: Optional[str] = None, max_upload_bytes: int = 2**30, gpus: int = 1,
                python: Optional[str] = None):
     """The FastAPI application of a service keeping its jobs under `root`."""
-    from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
-    from fastapi.responses import FileResponse, StreamingResponse
+    from fastapi import FastAPI
 
     service = Service(root, gpus, python, max_upload_bytes)
 
@@ -339,6 +338,15 @@ def create_app(root, token: Optional[str] = None, max_upload_bytes: int = 2**30,
     app = FastAPI(title="pscv", version=__version__, lifespan=lifespan,
                   description="Segment organs from clicks: PSCV training and inference jobs")
     app.state.service = service
+    _add_job_routes(app, service)
+    _add_event_routes(app, service)
+    _add_result_routes(app, service)
+    return Guard(app, token, max_upload_bytes)
+
+
+def _add_job_routes(app, service: Service) -> None:
+    """GET /health, POST /jobs, GET /jobs, GET /jobs/{id}."""
+    from fastapi import File, Form, HTTPException, UploadFile
 
     @app.get("/health")
     def health():
@@ -367,6 +375,12 @@ def create_app(root, token: Optional[str] = None, max_upload_bytes: int = 2**30,
     def job_info(job_id: str):
         return service.info(job_id)
 
+
+def _add_event_routes(app, service: Service) -> None:
+    """GET /jobs/{id}/events (polling) and GET /jobs/{id}/stream (server-sent events)."""
+    from fastapi import Query, Request
+    from fastapi.responses import StreamingResponse
+
     @app.get("/jobs/{job_id}/events")
     def job_events(job_id: str, after: int = Query(0, ge=0)):
         folder = service.folder(job_id)
@@ -376,28 +390,36 @@ def create_app(root, token: Optional[str] = None, max_upload_bytes: int = 2**30,
     @app.get("/jobs/{job_id}/stream")
     async def job_stream(job_id: str, request: Request, after: int = Query(0, ge=0)):
         folder = service.folder(job_id)
-
-        async def stream():
-            offset, count, last_sent = 0, 0, time.monotonic()
-            while True:
-                events, offset = read_events(folder, offset)
-                for event in events:
-                    count += 1
-                    if count > after:
-                        yield f"id: {count}\ndata: {json.dumps(event)}\n\n"
-                        last_sent = time.monotonic()
-                    if event.get("event") in FINAL_STATES:
-                        return
-                if not events:
-                    if not folder.is_dir() or await request.is_disconnected():
-                        return
-                    if time.monotonic() - last_sent > KEEPALIVE_SECONDS:
-                        yield ": keep-alive\n\n"
-                        last_sent = time.monotonic()
-                    await asyncio.sleep(STREAM_POLL_SECONDS)
-
-        return StreamingResponse(stream(), media_type="text/event-stream",
+        return StreamingResponse(_event_stream(folder, after, request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _event_stream(folder: Path, after: int, request):
+    """The events of a job folder after the first `after`, as server-sent events, until its last one (or the
+    client leaves); a keep-alive comment when there is nothing to send for a while."""
+    offset, count, last_sent = 0, 0, time.monotonic()
+    while True:
+        events, offset = read_events(folder, offset)
+        for event in events:
+            count += 1
+            if count > after:
+                yield f"id: {count}\ndata: {json.dumps(event)}\n\n"
+                last_sent = time.monotonic()
+            if event.get("event") in FINAL_STATES:
+                return
+        if not events:
+            if not folder.is_dir() or await request.is_disconnected():
+                return
+            if time.monotonic() - last_sent > KEEPALIVE_SECONDS:
+                yield ": keep-alive\n\n"
+                last_sent = time.monotonic()
+            await asyncio.sleep(STREAM_POLL_SECONDS)
+
+
+def _add_result_routes(app, service: Service) -> None:
+    """POST /jobs/{id}/cancel, GET /jobs/{id}/result/{kind}, DELETE /jobs/{id}."""
+    from fastapi import HTTPException
+    from fastapi.responses import FileResponse
 
     @app.post("/jobs/{job_id}/cancel", status_code=202)
     def cancel(job_id: str):
@@ -414,8 +436,6 @@ def create_app(root, token: Optional[str] = None, max_upload_bytes: int = 2**30,
     @app.delete("/jobs/{job_id}")
     def delete(job_id: str):
         return service.delete(job_id)
-
-    return Guard(app, token, max_upload_bytes)
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None, root=None,
