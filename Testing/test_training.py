@@ -9,7 +9,7 @@ from pscv import PSCVError
 from pscv.data.clicks import Clicks, simulate_clicks
 from pscv.data.dataset import Case
 from pscv.data.metrics import dice
-from pscv.learn.inference import predict_probabilities, predict_volume
+from pscv.learn.inference import predict_volume, slice_probabilities
 from pscv.learn.single_case import border_background_clicks, click_region, segment_case
 from pscv.learn.training import TrainSettings, case_tensors, scale_coordinates, train
 
@@ -66,9 +66,10 @@ def test_tiny_end_to_end_train_and_predict(method):
     prediction = predict_volume(model, volume, "cpu")
     assert prediction.shape == labels.shape and set(np.unique(prediction)) <= {0, 1, 2}
     assert dice(prediction == 1, labels == 1) > 0.6  # the bright disk is easy even from points
-    probabilities = predict_probabilities(model, volume, "cpu")
-    assert probabilities.shape == (3, *labels.shape)
-    assert np.allclose(probabilities.sum(axis=0), 1, atol=1e-4)
+    # what predict_volume takes the argmax of: class probabilities on the native grid, slice by slice
+    probabilities = torch.cat([p for _, p in slice_probabilities(model, volume, "cpu")], dim=1)
+    assert probabilities.shape == (3, *np.moveaxis(labels, volume.slice_axis(), 0).shape)
+    assert torch.allclose(probabilities.sum(dim=0), torch.ones(()), atol=1e-4)
 
 
 def test_affinity_and_pseudo_label_terms_train_and_report():

@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import PSCVError
 from .classes import ClassInfo
-from .geometry import round_index
+from .geometry import ras_to_lps, round_index
 from .volumes import Volume
 
 MARKUPS_SCHEMA = (
@@ -191,7 +191,7 @@ def _make_point(path: Path, list_name: str, label: str, position, system: str, s
     written = tuple(float(v) for v in position)
     lps = np.array(written) * scale
     if system == "RAS":
-        lps[:2] *= -1
+        lps = ras_to_lps(lps)
     return _Point(path, list_name, label, written, system, lps)
 
 

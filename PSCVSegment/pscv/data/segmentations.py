@@ -35,6 +35,7 @@ from .formats import (
     SEGMENTATION_SUFFIXES,
     listing,
 )
+from .geometry import ijk_to_ras_matrix
 from .volumes import Volume, write_image
 
 DEFAULT_TERMINOLOGY = {
@@ -130,10 +131,7 @@ def _number(value: float) -> str:
 
 def _reference_geometry(volume: Volume) -> str:
     """Slicer's serialized image geometry: the IJK-to-RAS matrix (row by row) then the extent, ';'-ended."""
-    ijk_to_lps = np.eye(4)
-    ijk_to_lps[:3, :3] = volume.direction * volume.spacing
-    ijk_to_lps[:3, 3] = volume.origin
-    ijk_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_lps
+    ijk_to_ras = ijk_to_ras_matrix(volume.spacing, volume.origin, volume.direction)
     size = volume.shape[::-1]
     extent = [v for n in size for v in (0, n - 1)]
     return "".join(f"{_number(v)};" for v in ijk_to_ras.ravel()) + "".join(f"{v};" for v in extent)

@@ -20,8 +20,10 @@ from .models import Model
 
 
 @torch.no_grad()
-def _slice_probabilities(model: Model, volume: Volume, device, batch_size, progress, should_stop):
-    """Yield (first slice, probabilities (K, n, H, W) on the native grid) batch by batch along the slice axis."""
+def slice_probabilities(model: Model, volume: Volume, device="auto", batch_size: int = 16, progress=None,
+                        should_stop=None):
+    """Yield (first slice, class probabilities (K, n, H, W) on the native grid, a tensor on the device) batch
+    by batch along the slice axis (`volume.slice_axis()`)."""
     device = resolve_device(device) if isinstance(device, str) else device
     network = model.network.to(device).eval()
     slices = np.moveaxis(normalize(volume.array, model.metadata["normalization"]), volume.slice_axis(), 0)
@@ -38,17 +40,6 @@ def _slice_probabilities(model: Model, volume: Volume, device, batch_size, progr
         reporter.step(min(start + batch_size, count))
 
 
-def predict_probabilities(model: Model, volume: Volume, device="auto", batch_size: int = 16,
-                          progress=None, should_stop=None) -> np.ndarray:
-    """Class probabilities (K, k, j, i) float32 on the volume's native grid."""
-    axis = volume.slice_axis()
-    sliced_shape = (volume.shape[axis], *(n for a, n in enumerate(volume.shape) if a != axis))
-    output = np.empty((model.network.head.out_channels, *sliced_shape), dtype=np.float32)
-    for start, probabilities in _slice_probabilities(model, volume, device, batch_size, progress, should_stop):
-        output[:, start:start + probabilities.shape[1]] = probabilities.cpu().numpy()
-    return np.moveaxis(output, 1, axis + 1)
-
-
 def predict_volume(model: Model, volume: Volume, device="auto", batch_size: int = 16, progress=None,
                    should_stop=None) -> np.ndarray:
     """Label map `[k, j, i]` of class label values (uint8, or uint16 for values above 255)."""
@@ -56,7 +47,7 @@ def predict_volume(model: Model, volume: Volume, device="auto", batch_size: int 
     values = values.astype(np.uint8 if values.max() <= 255 else np.uint16)
     axis = volume.slice_axis()
     output = np.moveaxis(np.empty(volume.shape, dtype=values.dtype), axis, 0)  # a view: writes land in order
-    for start, probabilities in _slice_probabilities(model, volume, device, batch_size, progress, should_stop):
+    for start, probabilities in slice_probabilities(model, volume, device, batch_size, progress, should_stop):
         output[start:start + probabilities.shape[1]] = values[probabilities.argmax(dim=0).cpu().numpy()]
     return np.moveaxis(output, 0, axis)
 
