@@ -140,7 +140,9 @@ class PSCVSegmentTask:
     @property
     def running(self):
         """Queued or running (not yet done, failed or cancelled)."""
-        return self.job.state not in ("done", "error", "cancelled")
+        from pscv.jobs.folder import FINAL_STATES
+
+        return self.job.state not in FINAL_STATES
 
     def errorMessage(self):
         for event in reversed(self.events):
