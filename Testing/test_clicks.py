@@ -1,4 +1,4 @@
-"""pscv.clicks: Slicer point lists (.mrk.json, .fcsv) -> voxel indices [k, j, i], and every way they go wrong.
+"""pscv.data.clicks: Slicer point lists (.mrk.json, .fcsv) -> voxel indices [k, j, i], and every way they go wrong.
 
 Real files: CTChest4.nrrd with F_1.fcsv (both from slicerio's test data, written by 3D Slicer) and
 F.mrk.json (a Slicer point list, schema v1.0.3, placed on another image: it lies outside CTChest4).

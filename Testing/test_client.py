@@ -1,4 +1,4 @@
-"""pscv.client.JobClient with local worker processes: events, poll without blocking, cancel, a killed
+"""pscv.jobs.client.JobClient with local worker processes: events, poll without blocking, cancel, a killed
 worker, results, finding a job again."""
 
 import os

@@ -1,4 +1,4 @@
-"""pscv.geometry: Slicer world RAS -> parent transform inverse -> RAS-to-IJK -> voxel [k, j, i].
+"""pscv.data.geometry: Slicer world RAS -> parent transform inverse -> RAS-to-IJK -> voxel [k, j, i].
 
 Checked against a real Slicer-written NRRD header and Slicer-written markups (read independently with
 pynrrd and json), against SimpleITK's own physical-point-to-index, and on oblique, flipped and

@@ -1,4 +1,4 @@
-"""pscv.segfiles: .seg.nrrd as 3D Slicer writes it, plain label maps, reading segmentations back, export.
+"""pscv.data.segmentations: .seg.nrrd as 3D Slicer writes it, plain label maps, reading segmentations back, export.
 
 Real files: Segmentation.seg.nrrd and SegmentationOverlapping.seg.nrrd (written by 3D Slicer, from
 slicerio's test data) on CTChest4.nrrd; dcmqi's liver_seg.nrrd. Our files are read back with slicerio (the

@@ -1,4 +1,4 @@
-"""pscv.volumes and pscv.dicom: reading images with their exact geometry, and refusing what is not one image.
+"""pscv.data.volumes and pscv.data.dicom: reading images with their exact geometry, and refusing what is not one image.
 
 Real files: CTChest4.nrrd (written by 3D Slicer), the dcmqi CT series ct-3slice (3 slices) and 23x38x3
 (a tiny CT). Oblique DICOM series are made here with pydicom (dicom_series_helper), as no real oblique

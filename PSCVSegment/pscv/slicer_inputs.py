@@ -1,10 +1,10 @@
-"""The plain-data side of the 3D Slicer module: every decision it makes that needs no Slicer.
+"""The 3D Slicer module's inputs, prepared without Slicer: every decision the module makes that needs no Slicer.
 
 The module collects what Slicer holds (the volume's voxel array `[k, j, i]`, its IJK-to-RAS matrix, the
 inverse of its parent transform, and per class the world RAS positions of the defined control points)
 and hands it here as numpy arrays and lists. This module validates it, converts points to voxels
-(`pscv.geometry`) and writes the files a worker reads: `image.nrrd`, `points.mrk.json` (in the image's
-LPS) and `classes.json`; they are then submitted with `pscv.client.JobClient.submit`. It also turns
+(`pscv.data.geometry`) and writes the files a worker reads: `image.nrrd`, `points.mrk.json` (in the image's
+LPS) and `classes.json`; they are then submitted with `pscv.jobs.client.JobClient.submit`. It also turns
 worker events into progress-bar text and says which existing segments a result would replace.
 Nothing here imports slicer, qt, vtk or torch.
 """
@@ -131,7 +131,8 @@ def write_job_inputs(directory, image_kji: np.ndarray, ijk_to_ras, classes: list
 
 def job_settings(device="auto", iterations=None, **extra) -> dict:
     """The `settings` of a job from the module's Advanced section (device, iterations, other engine settings).
-    Iterations None or 0 leave the number to the engine (`pscv.segment.case_settings`: the device's budget)."""
+    Iterations None or 0 leave the number to the engine (`pscv.learn.single_case.case_settings`: the device's
+    budget)."""
     device = str(device or "auto").lower()
     if device not in DEVICES and not device.startswith("cuda:"):
         raise PSCVError(f"device {device!r}: choose one of {', '.join(DEVICES)}")

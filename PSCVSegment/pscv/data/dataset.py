@@ -1,4 +1,4 @@
-"""A dataset folder for cohort training and evaluation:
+"""Dataset folders for cohort training and evaluation: find their cases, read them as plain data (`Case`).
 
 ```
 DATASET/classes.json

@@ -3,7 +3,7 @@
 Slicer describes a volume by its IJK-to-RAS 4x4 matrix (`vtkMRMLVolumeNode.GetIJKToRASMatrix`) and, when
 the volume sits under a transform, by the parent transform's world-to-local 4x4 matrix
 (`vtkMRMLTransformNode.GetMatrixTransformFromWorld`). The engine describes images the ITK way, in LPS
-(`pscv.volumes.Volume`: spacing, origin, direction). This module converts between the two and maps
+(`pscv.data.volumes.Volume`: spacing, origin, direction). This module converts between the two and maps
 control points (world RAS) to voxel indices. Nothing here imports slicer, vtk or torch.
 
 Axis orders: `ijk` arrays are (i, j, k) = (column, row, slice); voxel indices returned for numpy are

@@ -1,4 +1,4 @@
-"""Images with their geometry.
+"""Images with their geometry: `Volume`, read from image files and DICOM series, written to image files.
 
 Arrays are numpy `[k, j, i]` (slice, row, column), the order SimpleITK's GetArrayFromImage gives.
 Geometry follows ITK/DICOM in LPS: `physical = origin + direction @ (spacing * [i, j, k])`, where

@@ -1,19 +1,8 @@
 """The one client for jobs: a worker process on this machine, or a remote `pscv serve`, with the same calls.
 
-```python
-client = JobClient()                                        # local: `python -m pscv worker JOB_DIR`
-client = JobClient("http://gpu-box:8000", token="...")       # remote (token also from PSCV_TOKEN)
-job = client.submit("segment", image="ct.nrrd", points=["clicks.mrk.json"], classes="classes.json",
-                    settings={"iterations": 300})
-for event in job.poll(): ...        # new events, never blocks (for a Qt timer); or: for event in job.events()
-job.cancel()                        # local: SIGTERM to the worker's process tree, SIGKILL if it lingers
-job.wait()                          # -> "done" | "error" | "cancelled"
-job.download("segmentation", "out.seg.nrrd")
-```
-
-Events are the worker's (docs/ENGINE_API.md): `queued` (remote), `started`, `progress`, `warning`, then
-`done`, `error` or `cancelled`. A worker that dies without saying how it ended (killed, crashed) ends its
-job with an `error` event written by the client, and its partial results are removed.
+docs/ENGINE_API.md (Jobs) describes the calls and the events. A local job's events come from the worker
+this client started (`pscv.jobs.processes.WorkerProcess`) or, for a job found again, from its folder
+(`EventLog`); a remote job's from the service's event stream.
 
 Imports no torch (3D Slicer's own process can use it); the remote client needs only the standard library.
 In 3D Slicer pass `python=shutil.which("PythonSlicer")`: `sys.executable` there is the application.

@@ -186,7 +186,7 @@ def _save_model(job: Job, model) -> None:
 
 
 def _run_segment(job: Job, events: Events, should_stop) -> None:
-    """The single-case mode (`pscv.segment.segment_case`): train on the case's clicks, then segment it."""
+    """The single-case mode (`pscv.learn.single_case.segment_case`): train on the case's clicks, then segment it."""
     from ..data.classes import read_classes
     from ..learn.single_case import case_settings, segment_case
 

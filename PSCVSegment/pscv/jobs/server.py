@@ -1,22 +1,9 @@
 """`pscv serve`: run jobs for remote clients over HTTP (FastAPI + uvicorn), e.g. on a GPU machine.
 
-```
-GET    /health                         {"status", "version", "max_upload_bytes", "queued", "running", "gpus"}
-POST   /jobs                           multipart: kind, settings (JSON text), image, points (1+), classes,
-                                       model (zip of a model folder), dataset (zip)  -> 201 {"id", "state"}
-GET    /jobs                           {"jobs": [{"id", "kind", "state", "message", "created"}, ...]}
-GET    /jobs/{id}                      {"id", "kind", "state", "message", "outputs", "created"}
-GET    /jobs/{id}/events?after=N       {"events": [...], "next": N', "state"}   (polling)
-GET    /jobs/{id}/stream?after=N       text/event-stream, one `data: {event}` per event, until the job ends
-POST   /jobs/{id}/cancel               202 {"id", "state"}
-GET    /jobs/{id}/result/segmentation  the segmentation file
-GET    /jobs/{id}/result/model         the model folder as a zip
-DELETE /jobs/{id}                      an ended job and its files
-```
-
-Every job is a job folder (pscv.jobs.folder) under ROOT/jobs/<id>, run by a `pscv worker` process; the queue runs
-one job at a time per GPU (`--gpus N`: N at once, the n-th runner's worker sees only GPU n). Everything is
-on disk, so a restarted service serves the results it had and runs the jobs still queued.
+The endpoints are listed in docs/ENGINE_API.md (Jobs). Every job is a job folder (pscv.jobs.folder) under
+ROOT/jobs/<id>, run by a `pscv worker` process (pscv.jobs.processes); the queue runs one job at a time per
+GPU (`--gpus N`: N at once, the n-th runner's worker sees only GPU n). Everything is on disk, so a
+restarted service serves the results it had and runs the jobs still queued.
 
 Security: the service listens on 127.0.0.1 unless told otherwise and refuses any other address without a
 token; with a token, every request must carry `Authorization: Bearer TOKEN` (else 401, before its body is

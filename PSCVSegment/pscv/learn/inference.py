@@ -1,6 +1,8 @@
-"""Segment a whole volume with a trained model: slice-wise along the through-plane axis (the one with
-the largest spacing), each slice resized to the network's size, probabilities resized back to the native
-grid, all slices of a volume in batches."""
+"""Inference: segment a whole volume with a trained model, and score a model on labelled cases.
+
+Slice-wise along the through-plane axis (the one with the largest spacing), each slice resized to the
+network's size, probabilities resized back to the native grid, all slices of a volume in batches.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Trained models on disk: `model.safetensors` (weights) + `model.json` (everything needed to use them)
-+ `model_card.json` (what a person wants to know about the model: see `model_card`).
+"""Trained models: the network with its metadata (`Model`), saved to and loaded from a model folder.
+
+A model folder holds `model.safetensors` (weights), `model.json` (everything needed to use them) and
+`model_card.json` (what a person wants to know about the model: see `model_card`).
 
 Loading never executes code from the file. A model whose format differs, that a newer engine wrote,
 or whose classes differ from the ones asked for is refused with a message that says which and why.

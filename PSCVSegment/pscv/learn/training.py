@@ -1,4 +1,6 @@
-"""The one training loop. Methods differ only in the loss terms they switch on:
+"""The one training loop (`train`), its settings, its training slices and its loss terms.
+
+Methods differ only in the loss terms they switch on:
 
 - `pce`:  partial cross-entropy on the clicked pixels;
 - `pscv`: pCE + cv_weight * contrastive variance loss (losses.contrastive_variance on the variance maps);
@@ -84,7 +86,7 @@ class TrainSettings:
     normalization: dict = field(default_factory=lambda: dict(DEFAULT_NORMALIZATION))
     widths: tuple = DEFAULT_WIDTHS
     dropout: tuple = DEFAULT_DROPOUT
-    # Several processes (torchrun; pscv.distributed), each with its own batch of batch_size slices:
+    # Several processes (torchrun; pscv.learn.distributed), each with its own batch of batch_size slices:
     cv_gather: bool = False  # contrast the variance maps of every process's batch, not only its own
     sync_batchnorm: bool = True  # batch-norm statistics over the global batch (GPUs; PyTorch has none on the CPU)
 
@@ -313,7 +315,7 @@ def train(cases: list[Case], classes: list[ClassInfo], settings: TrainSettings |
     may differ): training goes on from its step with its weights, optimiser and random states, and ends where
     the uninterrupted run would.
 
-    Started by torchrun (`pscv.distributed`), every process calls this with the same arguments: each draws
+    Started by torchrun (`pscv.learn.distributed`), every process calls this with the same arguments: each draws
     `batch_size` slices a step from its own shard (global batch: batch_size x processes), gradients are
     averaged (DistributedDataParallel), the loss history is the mean over the processes, progress and
     checkpoints come from rank 0, `should_stop` is honoured at the steps that record the loss (every 10th),
