@@ -1,24 +1,21 @@
 """PSCV engine: train a 2D U-Net from point clicks and segment whole volumes.
 
-Plain Python: never imports slicer, qt, ctk or vtk. Its layers are its subpackages, lowest first; a module
-imports only from its own layer and those below (Testing/test_layers.py checks it):
+Plain Python that never imports slicer, qt, ctk or vtk. Its layers are its subpackages, lowest first; a
+module imports only from its own layer and those below (Testing/test_layers.py checks every import):
 
-| layer                       | job                                                                  | torch |
-|-----------------------------|----------------------------------------------------------------------|-------|
-| `pscv` (this file), `base`  | PSCVError, the version; atomic writes, progress events and cancel    | no    |
-| `data`                      | files and plain data: images, DICOM, geometry, classes, clicks,      | no    |
-|                             | segmentation files, DICOM-SEG, file formats, intensities, metrics,   |       |
-|                             | dataset folders                                                      |       |
-| `learn`                     | network, losses, the one training loop, inference, models,           | yes   |
-|                             | checkpoints, several processes, the single-case mode                 |       |
-| `jobs`                      | the job-folder format, input staging, running a job, the worker,     | only  |
-|                             | worker processes, the client, the HTTP service                       | runner|
-| `cli`, `slicer_inputs`      | the command line; the 3D Slicer module's inputs                      | no*   |
-| `research`                  | the ACDC benchmark and data preparation (not shipped in the Slicer   | yes   |
-|                             | extension; only `cli` imports it)                                    |       |
+    pscv, pscv.base   PSCVError, __version__; atomic writes, progress events and cancel    no torch
+    pscv.data         files and plain data: formats, images, DICOM, geometry, classes,      no torch
+                      clicks, segmentation files, DICOM-SEG, intensities, metrics, datasets
+    pscv.learn        network, losses, the one training loop, inference, models,            torch
+                      checkpoints, several processes, the single-case mode
+    pscv.jobs         the job-folder format, input staging, running a job, the worker,      torch only in
+                      worker processes, the client, the HTTP service                         runner/worker
+    pscv.cli          the `pscv` command line (imports the layers below inside its commands)
+    pscv.slicer_inputs  the 3D Slicer module's inputs, prepared without Slicer               no torch
+    pscv.research     the ACDC benchmark and data preparation: only `pscv.cli` imports it, and the Slicer
+                      extension does not ship it
 
-(*) `cli` imports the layers below inside its commands, so `pscv --help` stays instant. 3D Slicer's own
-process uses `data`, `jobs.client` and `slicer_inputs`, which import no torch. docs/ENGINE_API.md is the
+3D Slicer's own process uses pscv.data, pscv.jobs.client and pscv.slicer_inputs. docs/ENGINE_API.md is the
 contract between the parts.
 """
 
