@@ -57,12 +57,18 @@ class JobClient:
     """Runs jobs in local worker processes (`server_url` None) or on a `pscv serve` service."""
 
     def __init__(self, server_url: str | None = None, token: str | None = None, python: str | None = None,
-                 jobs_dir=None, timeout: float = 60.0, env: dict | None = None):
+                 jobs_dir=None, timeout: float = 60.0, env: dict | None = None, base_env: dict | None = None):
         self.server_url = server_url.rstrip("/") if server_url else None
         self.token = token if token is not None else os.environ.get("PSCV_TOKEN") or None
         self.python = python
-        # Extra environment variables of local workers, e.g. {"CUDA_VISIBLE_DEVICES": "-1"} to keep off the GPU.
-        self.env = {**os.environ, **env} if env else None
+        # Local workers start from `base_env` (default: this process's environment) plus the extra variables
+        # `env`, e.g. {"CUDA_VISIBLE_DEVICES": "-1"} to keep off the GPU. 3D Slicer passes its startup
+        # environment as `base_env` for a Python that is not its own, so that Slicer's PYTHONHOME,
+        # PYTHONPATH and library paths do not reach it.
+        if env or base_env is not None:
+            self.env = {**(os.environ if base_env is None else base_env), **(env or {})}
+        else:
+            self.env = None
         self.jobs_dir = Path(jobs_dir) if jobs_dir else default_jobs_dir()
         self.timeout = timeout
         self._limit = None

@@ -69,10 +69,18 @@ def signal_tree(pid: int, sig) -> None:
         except (ProcessLookupError, PermissionError):
             pass
     elif not targets:
+        # Windows without psutil: TerminateProcess (os.kill) would stop only this process; when it is a
+        # launcher (3D Slicer's PythonSlicer.exe starts python-real.exe), the child holding the GPU would
+        # live on. taskkill /T ends the whole tree.
         try:
-            os.kill(pid, signal.SIGTERM)  # Windows without psutil: TerminateProcess
-        except OSError:
-            pass
+            subprocess.run(["taskkill", "/PID", str(pid), "/T", "/F"], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30,
+                           creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+        except (OSError, subprocess.SubprocessError):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
 
 
 class WorkerProcess:
