@@ -17,7 +17,7 @@ import numpy as np
 import qt
 import slicer
 import vtk
-from MRMLCorePython import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -26,7 +26,6 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
-from vtkSlicerMarkupsModuleMRMLPython import vtkMRMLMarkupsFiducialNode
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 SETTINGS_KEY = "PSCVSegment"
@@ -830,7 +829,7 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
         try:
             resultNode.AddDefaultStorageNode()
             storageNode = resultNode.GetStorageNode()
-            storageNode.SetFileName(resultPath)
+            storageNode.SetFileName(str(resultPath))
             if not storageNode.ReadData(resultNode):
                 raise RuntimeError(f"Could not read the result file {resultPath}.")
             # The result has the volume's own geometry: put it under the volume's transform, like the target.
