@@ -1,19 +1,21 @@
 """PSCV Segment: segment organs from a few clicks in 3D Slicer.
 
-Module / Widget / Logic / Test, kept thin: the Logic collects what Slicer holds (voxel array, matrices,
-control points) and hands it to the engine (`pscv`, in this folder) as plain data. Training runs in a
-separate process (`pscv worker`, local or on a `pscv serve` machine) through `pscv.client.JobClient`;
-Slicer's own process never imports torch for training.
+Module / Widget / Logic / Test, kept thin: the widget is Qt (table, buttons, timers, dialogs, shortcuts);
+everything done to MRML nodes and to the background jobs is in the Qt-free layer ``PSCVSegmentLib``
+(tested with slicer-core's real MRML classes), which uses the engine (``pscv``, in this folder) through
+its public functions only. Training runs in a separate process (``pscv worker``, local, or on a ``pscv
+serve`` machine); Slicer's own process never imports torch.
 """
 
 import logging
 import os
 import shutil
+import sys
 import time
+import unittest
 from typing import Annotated, Optional
 
 import ctk
-import numpy as np
 import qt
 import slicer
 import vtk
@@ -27,13 +29,27 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from PSCVSegmentLib import (
+    cohort,
+    engine,
+    environment,
+    export,
+    interactive,
+    pointlists,
+    results,
+    sampledata,
+    tasks,
+    terminology,
+    volumes,
+)
+
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 SETTINGS_KEY = "PSCVSegment"
-BACKGROUND_COLOR = (0.6, 0.6, 0.6)
+CLASS_SHORTCUTS = 9  # keys 1..9 select class row 1..9 and start placing its points
 
-# Python packages the background process needs (import name, pip name); torch comes from the PyTorch
-# extension and SimpleITK is Slicer's own: neither is ever pip-installed here.
-WORKER_PACKAGES = [("numpy", "numpy"), ("scipy", "scipy")]
+# Names other code may use (README's console example, scripts written for earlier versions).
+SegmentsExistError = results.SegmentsExistError
+PSCVConnection = environment.Connection
 
 
 #
@@ -52,16 +68,17 @@ class PSCVSegment(ScriptedLoadableModule):
 Segment organs from a few clicks: a 2D U-Net is trained on this volume from your points with the
 point-supervised contrastive variance (PSCV) method, in a background process, then segments the whole volume.
 <ol>
-<li>Pick the <b>input volume</b>.</li>
+<li>Pick the <b>input volume</b> (or <b>Load sample data</b>).</li>
 <li><b>Add class</b>: the first class is the background, then one per organ. Rename and recolor them in the table.</li>
-<li>For each class, click <b>Place</b> and click points on it in a few slices (one point per class per slice is enough;
-put background points too).</li>
+<li>For each class, click <b>Place</b> (or press its number key, 1 for the first row) and click points on it in a
+few slices (one point per class per slice is enough; put background points too).</li>
 <li>Press <b>Segment</b>. The button turns into <b>Cancel</b> while the network trains; the progress bar
-shows the time left.</li>
+shows the time left, the <b>Log</b> what the worker reports.</li>
 <li>The result is a new segmentation (one segment per organ), ready for the Segment Editor. Export it with
-<b>Export .seg.nrrd</b> or, for a volume loaded from DICOM, <b>Export DICOM-SEG</b>.</li>
+<b>Export .seg.nrrd</b> or, for a volume loaded from DICOM, <b>Export DICOM-SEG</b>; <b>Show 3D</b> shows surfaces.</li>
 </ol>
-In <b>Model</b>, save the trained model, apply it to the next volume, or fine-tune it with that volume's points.
+In <b>Cohort</b>, collect volumes with their points in a dataset folder and train one model on them; in
+<b>Model</b>, save a trained model, apply it to the next volume, or fine-tune it with that volume's points.
 <b>Advanced</b>: device (auto, CUDA, CPU), number of iterations, a remote pscv server, or an existing Python
 environment with torch and CUDA.
 """
@@ -73,6 +90,34 @@ Segmentation and Diagnosis: Is the Problem Solved?", IEEE Transactions on Medica
 Built with the 3D Slicer scripted module template; background processing follows SlicerMONAIAuto3DSeg and
 SlicerTotalSegmentator.
 """
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """The ACDC sample in the Sample Data module (category "PSCV Segment"): its button loads the volume and its
+    class points and opens this module, ready to Segment."""
+    import SampleData
+
+    problems = sampledata.sampleProblems(MODULE_DIR)
+    if problems:
+        logging.warning(f"PSCV Segment: the sample data is not registered: {'; '.join(problems)}")
+        return
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        **sampledata.registrationArguments(MODULE_DIR, customDownloader=downloadSample))
+
+
+def downloadSample(source=None):
+    """SampleData's button (customDownloader): fetch the sample through SampleData's cache (file: URIs), then
+    load it into this module."""
+    import SampleData
+
+    if source is None:
+        source = SampleData.SampleDataLogic().sourceForSampleName(sampledata.SAMPLE_NAME)
+    sampleLogic = SampleData.SampleDataLogic()
+    paths = [sampleLogic.downloadFileIntoCache(uri, name, checksum)
+             for uri, name, checksum in zip(source.uris, source.fileNames, source.checksums)]
+    slicer.util.selectModule("PSCVSegment")
+    slicer.modules.PSCVSegmentWidget.loadSample(*paths)
 
 
 #
@@ -86,9 +131,10 @@ class PSCVSegmentParameterNode:
 
     inputVolume - the volume to segment.
     classPointLists - one point list per class, in table order: the first is the background (label 0);
-        a class's name and color are its point list's name and color.
+        a class's name and color are its point list's name and color, its terminology an attribute.
     outputSegmentation - where the result goes; None creates a new segmentation.
     modelDirectory - a model folder to apply or fine-tune.
+    datasetDirectory - the cohort's dataset folder.
     device, iterations - training settings (iterations 0: the engine's budget for the device).
     """
 
@@ -96,58 +142,9 @@ class PSCVSegmentParameterNode:
     classPointLists: list[vtkMRMLMarkupsFiducialNode]
     outputSegmentation: vtkMRMLSegmentationNode
     modelDirectory: str = ""
+    datasetDirectory: str = ""
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     iterations: Annotated[int, WithinRange(0, 200000)] = 0
-
-
-class PSCVConnection:
-    """Where jobs run: a remote server (URL, token) or a local worker process (python executable)."""
-
-    def __init__(self, serverUrl="", token="", python=""):
-        self.serverUrl = (serverUrl or "").strip()
-        self.token = (token or "").strip()
-        self.python = (python or "").strip()
-
-    @property
-    def remote(self):
-        return bool(self.serverUrl)
-
-
-class SegmentsExistError(RuntimeError):
-    """The chosen segmentation already has segments the result would replace; pass replaceExisting=True."""
-
-    def __init__(self, segmentationNode, names):
-        self.names = list(names)
-        super().__init__(f"Segmentation '{segmentationNode.GetName()}' already has segment(s) "
-                         f"{', '.join(self.names)}; they would be replaced.")
-
-
-class PSCVSegmentTask:
-    """A submitted job and what is needed to import its result."""
-
-    def __init__(self, kind, job, workDirectory, volumeNode, classes, segmentationNode, replaceExisting):
-        self.kind = kind
-        self.job = job
-        self.workDirectory = workDirectory
-        self.volumeNode = volumeNode
-        self.classes = classes
-        self.segmentationNode = segmentationNode
-        self.replaceExisting = replaceExisting
-        self.events = []
-        self.startTime = time.time()
-
-    @property
-    def running(self):
-        """Queued or running (not yet done, failed or cancelled)."""
-        from pscv.jobs.folder import FINAL_STATES
-
-        return self.job.state not in FINAL_STATES
-
-    def errorMessage(self):
-        for event in reversed(self.events):
-            if event.get("event") == "error":
-                return event.get("message") or "unknown error"
-        return getattr(self.job, "message", None) or f"the job ended with state '{self.job.state}'"
 
 
 #
@@ -156,6 +153,13 @@ class PSCVSegmentTask:
 
 
 class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    POINT_LIST_EVENTS = (
+        vtkMRMLMarkupsFiducialNode.PointPositionDefinedEvent,
+        vtkMRMLMarkupsFiducialNode.PointRemovedEvent,
+        vtkMRMLMarkupsFiducialNode.DisplayModifiedEvent,  # its colour, changed in the Markups module
+        vtk.vtkCommand.ModifiedEvent,
+    )
+
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
@@ -164,8 +168,22 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._task = None
         self._observedPointLists = []
+        self._observedSegmentation = None
         self._updatingTable = False
         self._pollTimer = None
+        self._shortcuts = []
+        self._shownLog = None
+        # The self-test replaces these, so that it never depends on this computer's settings or on a person.
+        self.connectionOverride = None
+        self.confirm = lambda text: slicer.util.confirmOkCancelDisplay(text, "PSCV Segment")
+        self.askSavePath = lambda title, name, filters: qt.QFileDialog.getSaveFileName(None, title, name, filters)
+        self.askDirectory = lambda title: qt.QFileDialog.getExistingDirectory(None, title)
+
+    def onReload(self):
+        """Reload the engine and PSCVSegmentLib too (Developer mode), not only this file."""
+        for name in engine.modulesToReload(list(sys.modules)):
+            del sys.modules[name]
+        super().onReload()
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -184,6 +202,7 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             header.setSectionResizeMode(column, qt.QHeaderView.ResizeToContents)
         self.ui.progressBar.setRange(0, 1000)
         self.ui.progressBar.hide()
+        self.ui.logTextEdit.setMaximumBlockCount(5000)
 
         # Connection settings belong to this computer, not to the scene: kept in application settings.
         # The token is kept in memory only.
@@ -195,12 +214,20 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
+        self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSample)
         self.ui.addClassButton.connect("clicked(bool)", self.onAddClass)
         self.ui.removeClassButton.connect("clicked(bool)", self.onRemoveClass)
+        self.ui.terminologyButton.connect("clicked(bool)", self.onTerminology)
         self.ui.classesTable.connect("cellChanged(int,int)", self.onClassCellChanged)
+        self.ui.classesTable.connect("itemSelectionChanged()", self.updateButtons)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.exportSegNrrdButton.connect("clicked(bool)", self.onExportSegNrrd)
         self.ui.exportDicomSegButton.connect("clicked(bool)", self.onExportDicomSeg)
+        self.ui.show3DButton.connect("toggled(bool)", self.onShow3D)
+        self.ui.openLogFolderButton.connect("clicked(bool)", self.onOpenLogFolder)
+        self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
+        self.ui.trainModelButton.connect("clicked(bool)", self.onTrainModel)
+        self.ui.datasetPathLineEdit.connect("currentPathChanged(QString)", self.onDatasetPathChanged)
         self.ui.saveModelButton.connect("clicked(bool)", self.onSaveModel)
         self.ui.applyModelButton.connect("clicked(bool)", self.onApplyModel)
         self.ui.finetuneModelButton.connect("clicked(bool)", self.onFinetuneModel)
@@ -214,30 +241,47 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer.setInterval(500)
         self._pollTimer.connect("timeout()", self.onPollJob)
 
+        mainWindow = slicer.util.mainWindow()
+        for number in range(1, CLASS_SHORTCUTS + 1):
+            shortcut = qt.QShortcut(qt.QKeySequence(str(number)), mainWindow or self.parent)
+            shortcut.setEnabled(False)
+            shortcut.connect("activated()", lambda row=number - 1: self.selectClass(row, place=True))
+            self._shortcuts.append(shortcut)
+
         self.initializeParameterNode()
 
     def cleanup(self):
         if self._pollTimer:
             self._pollTimer.stop()
-        if self._task and self._task.running:
-            self._task.job.cancel()
+        if self._task is not None and not self._task.ended:
+            self._task.cancel()
         self._task = None
+        for shortcut in self._shortcuts:
+            shortcut.setEnabled(False)
+            shortcut.setParent(None)
+        self._shortcuts = []
+        if self.logic:
+            self.logic.cleanup()
         self.removeObservers()
 
     def enter(self):
         self.initializeParameterNode()
+        for shortcut in self._shortcuts:
+            shortcut.setEnabled(True)
 
     def exit(self):
+        for shortcut in self._shortcuts:
+            shortcut.setEnabled(False)
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event):
-        if self._task and self._task.running:
-            self._task.job.cancel()
+        # A running job is cancelled by its task (it watches the scene): its result is never imported elsewhere.
         self.setParameterNode(None)
         self._setPointListObservers([])
+        self._observeSegmentation(None)
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
@@ -260,10 +304,26 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
             self.ui.modelPathLineEdit.currentPath = self._parameterNode.modelDirectory
+            self.ui.datasetPathLineEdit.currentPath = self._parameterNode.datasetDirectory
         self.onParameterNodeModified()
 
     def onParameterNodeModified(self, caller=None, event=None):
+        self._observeSegmentation(self._parameterNode.outputSegmentation if self._parameterNode else None)
         self.updateClassesTable()
+        self.updateDatasetStatus()
+        self.updateButtons()
+
+    def _observeSegmentation(self, node):
+        """Keep the export and Show 3D buttons in step with the output segmentation's segments."""
+        if node is self._observedSegmentation:
+            return
+        if self._observedSegmentation is not None:
+            self.removeObserver(self._observedSegmentation, vtk.vtkCommand.ModifiedEvent, self.onSegmentationModified)
+        self._observedSegmentation = node
+        if node is not None:
+            self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self.onSegmentationModified)
+
+    def onSegmentationModified(self, caller=None, event=None):
         self.updateButtons()
 
     # Classes table -----------------------------------------------------------------------------------
@@ -275,10 +335,10 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _setPointListObservers(self, nodes):
         for node in self._observedPointLists:
-            for event in self.logic.POINT_LIST_EVENTS:
+            for event in self.POINT_LIST_EVENTS:
                 self.removeObserver(node, event, self.onPointListModified)
         for node in nodes:
-            for event in self.logic.POINT_LIST_EVENTS:
+            for event in self.POINT_LIST_EVENTS:
                 self.addObserver(node, event, self.onPointListModified)
         self._observedPointLists = list(nodes)
 
@@ -301,12 +361,12 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 table.setItem(row, 0, qt.QTableWidgetItem(node.GetName()))
                 colorButton = ctk.ctkColorPickerButton()
                 colorButton.displayColorName = False
-                colorButton.color = qt.QColor.fromRgbF(*self.logic.pointListColor(node))
+                colorButton.color = qt.QColor.fromRgbF(*pointlists.pointListColor(node))
                 colorButton.connect("colorChanged(QColor)",
-                                    lambda color, n=node: self.logic.setPointListColor(
+                                    lambda color, n=node: pointlists.setPointListColor(
                                         n, (color.redF(), color.greenF(), color.blueF())))
                 table.setCellWidget(row, 1, colorButton)
-                countItem = qt.QTableWidgetItem(str(self.logic.definedPointCount(node)))
+                countItem = qt.QTableWidgetItem(str(pointlists.definedPointCount(node)))
                 countItem.setFlags(qt.Qt.ItemIsEnabled | qt.Qt.ItemIsSelectable)
                 table.setItem(row, 2, countItem)
                 placeWidget = slicer.qSlicerMarkupsPlaceWidget()
@@ -316,21 +376,36 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 placeWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
                 placeWidget.setCurrentNode(node)
                 table.setCellWidget(row, 3, placeWidget)
+            self._refreshRows(nodes)
         finally:
             self._updatingTable = False
 
-    def onPointListModified(self, caller=None, event=None):
+    def _refreshRows(self, nodes):
+        """Names, counts, colours and terminology tooltips from the point lists (edited here or elsewhere)."""
         table = self.ui.classesTable
+        for row, node in enumerate(nodes):
+            if row >= table.rowCount:
+                break
+            nameItem, countItem = table.item(row, 0), table.item(row, 2)
+            if nameItem:
+                if nameItem.text() != node.GetName():
+                    nameItem.setText(node.GetName())
+                described = terminology.describe(pointlists.classTerminology(node))
+                key = f"key {row + 1}: place points" if row < CLASS_SHORTCUTS else ""
+                nameItem.setToolTip("; ".join(t for t in (f"terminology: {described}" if described else "", key) if t))
+            if countItem:
+                countItem.setText(str(pointlists.definedPointCount(node)))
+            colorButton = table.cellWidget(row, 1)
+            color = qt.QColor.fromRgbF(*pointlists.pointListColor(node))
+            if colorButton is not None and colorButton.color != color:
+                wasBlocked = colorButton.blockSignals(True)
+                colorButton.color = color
+                colorButton.blockSignals(wasBlocked)
+
+    def onPointListModified(self, caller=None, event=None):
         self._updatingTable = True
         try:
-            for row, node in enumerate(self._classNodes()):
-                if row >= table.rowCount:
-                    break
-                nameItem, countItem = table.item(row, 0), table.item(row, 2)
-                if nameItem and nameItem.text() != node.GetName():
-                    nameItem.setText(node.GetName())
-                if countItem:
-                    countItem.setText(str(self.logic.definedPointCount(node)))
+            self._refreshRows(self._classNodes())
         finally:
             self._updatingTable = False
         self.updateButtons()
@@ -343,12 +418,20 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if row < len(nodes) and name and name != nodes[row].GetName():
             nodes[row].SetName(name)
 
+    def selectClass(self, row, place=False):
+        """Select class ``row`` in the table (keys 1..9) and, with ``place``, start placing its points."""
+        nodes = self._classNodes()
+        if not 0 <= row < len(nodes):
+            return False
+        self.ui.classesTable.selectRow(row)
+        if place:
+            pointlists.startPlacing(slicer.mrmlScene, nodes[row])
+        return True
+
     def onAddClass(self):
         with slicer.util.tryWithErrorDisplay("Could not add a class.", waitCursor=True):
-            names = [node.GetName() for node in self._classNodes()]
-            newNames = self.logic.newClassNames(names)
-            for name in newNames:
-                node = self.logic.addClassPointList(name, len(self._classNodes()))
+            for name in engine.new_class_names([node.GetName() for node in self._classNodes()]):
+                node = pointlists.addClassPointList(slicer.mrmlScene, name, len(self._classNodes()))
                 self._parameterNode.classPointLists.append(node)
 
     def onRemoveClass(self):
@@ -358,20 +441,37 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.warningDisplay("Select the class to remove in the table first.")
             return
         node = nodes[row]
-        count = self.logic.definedPointCount(node)
-        if count and not slicer.util.confirmOkCancelDisplay(
-                f"Remove class '{node.GetName()}' and delete its {count} point(s)?"):
+        count = pointlists.definedPointCount(node)
+        if count and not self.confirm(f"Remove class '{node.GetName()}' and delete its {count} point(s)?"):
             return
         self._parameterNode.classPointLists.remove(node)
         slicer.mrmlScene.RemoveNode(node)
 
+    def onTerminology(self):
+        """Slicer's terminology selector for the selected class (the same dialog as the Segment Editor's)."""
+        nodes = self._classNodes()
+        row = self.ui.classesTable.currentRow()
+        if not 0 <= row < len(nodes):
+            slicer.util.warningDisplay("Select a class in the table first.")
+            return
+        node = nodes[row]
+        terminologiesLogic = slicer.modules.terminologies.logic()
+        entry = slicer.vtkSlicerTerminologyEntry()
+        current = pointlists.classTerminology(node) or terminology.serialize(None)
+        terminologiesLogic.DeserializeTerminologyEntry(current, entry)
+        if not slicer.qSlicerTerminologySelectorDialog.getTerminology(entry, slicer.util.mainWindow()):
+            return
+        pointlists.setClassTerminology(node, terminologiesLogic.SerializeTerminologyEntry(entry))
+        self.onPointListModified()
+
     # Buttons ------------------------------------------------------------------------------------------
 
-    def updateButtons(self):
+    def updateButtons(self, *args):
         p = self._parameterNode
         running = self._task is not None
         volume = p.inputVolume if p else None
-        problems = self.logic.segmentProblems(volume, self._classNodes()) if p else ["No parameter node."]
+        nodes = self._classNodes()
+        problems = pointlists.segmentProblems(volume, nodes) if p else ["No parameter node."]
         if running:
             self.ui.segmentButton.text = "Cancel"
             self.ui.segmentButton.toolTip = "Stop the running job."
@@ -385,40 +485,86 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportSegNrrdButton.enabled = hasSegments and not running
         self.ui.exportDicomSegButton.enabled = (hasSegments and not running
                                                 and self.logic.dicomInstanceUids(volume) is not None)
+        self.ui.show3DButton.enabled = hasSegments
+        wasBlocked = self.ui.show3DButton.blockSignals(True)
+        self.ui.show3DButton.checked = results.is3DShown(segmentation)
+        self.ui.show3DButton.blockSignals(wasBlocked)
         modelDirectory = p.modelDirectory if p else ""
         hasModel = bool(modelDirectory) and os.path.isdir(modelDirectory)
         self.ui.saveModelButton.enabled = bool(self.logic.lastModelDirectory) and not running
         self.ui.applyModelButton.enabled = hasModel and volume is not None and not running
         self.ui.finetuneModelButton.enabled = hasModel and not problems and not running
-        for widget in (self.ui.addClassButton, self.ui.removeClassButton, self.ui.installDependenciesButton):
+        dataset = p.datasetDirectory if p else ""
+        self.ui.addCaseButton.enabled = bool(dataset) and volume is not None and len(nodes) >= 2 and not running
+        summary = cohort.summary(dataset) if dataset and os.path.isdir(dataset) else None
+        self.ui.trainModelButton.enabled = bool(summary and summary["withPoints"]) and not running
+        self.ui.terminologyButton.enabled = 0 <= self.ui.classesTable.currentRow() < len(nodes)
+        for widget in (self.ui.addClassButton, self.ui.removeClassButton, self.ui.installDependenciesButton,
+                       self.ui.loadSampleButton):
             widget.enabled = not running
 
+    def updateDatasetStatus(self):
+        dataset = self._parameterNode.datasetDirectory if self._parameterNode else ""
+        summary = cohort.summary(dataset) if dataset and os.path.isdir(dataset) else None
+        if not dataset:
+            text = "Choose a folder to collect volumes and their points in."
+        elif summary is None:
+            text = "A new dataset: add the first volume."
+        else:
+            text = (f"{summary['cases']} volume(s), {summary['withPoints']} with points; classes "
+                    f"{', '.join(summary['classes'])}.")
+        self.ui.datasetStatusLabel.text = text
+
     def connection(self):
+        if self.connectionOverride is not None:
+            return self.connectionOverride
         remote = self.ui.remoteCheckBox.checked
-        return PSCVConnection(
+        return environment.Connection(
             serverUrl=self.ui.serverUrlLineEdit.text if remote else "",
             token=self.ui.serverTokenLineEdit.text if remote else "",
             python=self.ui.pythonPathLineEdit.currentPath,
         )
 
     def onConnectionChanged(self, *args):
-        self.logic.saveConnectionSettings(self.connection(), self.ui.serverUrlLineEdit.text)
+        if self.connectionOverride is None:
+            self.logic.saveConnectionSettings(self.connection(), self.ui.serverUrlLineEdit.text)
 
     def onModelPathChanged(self, path):
         if self._parameterNode and self._parameterNode.modelDirectory != path:
             self._parameterNode.modelDirectory = path
+
+    def onDatasetPathChanged(self, path):
+        if self._parameterNode and self._parameterNode.datasetDirectory != path:
+            self._parameterNode.datasetDirectory = path
 
     def onInstallDependencies(self):
         with slicer.util.tryWithErrorDisplay("Could not set up the Python packages.", waitCursor=True):
             if self.logic.setupPythonRequirements(self.connection(), askConfirmation=True):
                 slicer.util.infoDisplay("The Python packages needed by the background process are installed.")
 
+    # Sample data ------------------------------------------------------------------------------------------
+
+    def onLoadSample(self):
+        with slicer.util.tryWithErrorDisplay("Could not load the sample data.", waitCursor=True):
+            files = sampledata.sampleFiles(MODULE_DIR)
+            self.loadSample(files["image"], files["points"], files["classes"])
+
+    def loadSample(self, imagePath, pointsPath, classesPath):
+        volumeNode, nodes = self.logic.loadSample(imagePath, pointsPath, classesPath)
+        self.initializeParameterNode()
+        p = self._parameterNode
+        p.inputVolume = volumeNode
+        p.classPointLists = list(nodes)
+        p.outputSegmentation = None
+        slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
+        self.ui.statusLabel.text = "Sample loaded: press Segment."
+
     # Jobs ---------------------------------------------------------------------------------------------
 
     def onSegmentButton(self):
-        if self._task:
+        if self._task is not None:
             self.ui.statusLabel.text = "Cancelling..."
-            self._task.job.cancel()
+            self._task.cancel()
             return
         self._start("segment")
 
@@ -428,33 +574,37 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onFinetuneModel(self):
         self._start("finetune")
 
+    def onTrainModel(self):
+        self._start("train")
+
     def _start(self, kind):
         p = self._parameterNode
-        nodes = self._classNodes() if kind != "predict" else None
-        started = False
+        nodes = self._classNodes() if kind in ("segment", "finetune") else None
+        started = None
         with slicer.util.tryWithErrorDisplay("Could not start the job.", waitCursor=True):
             connection = self.connection()
             if not self.logic.setupPythonRequirements(connection, askConfirmation=True):
                 return
-            classes = self.logic.classesFromPointLists(nodes) if nodes is not None else None
+            classes = pointlists.classesFromPointLists(nodes) if nodes is not None else None
             replaceExisting = False
-            if p.outputSegmentation and classes is not None:
-                existing = self.logic.segmentsToReplace(p.outputSegmentation, classes)
+            if kind != "train" and p.outputSegmentation and classes is not None:
+                existing = results.segmentsToReplace(p.outputSegmentation, classes)
                 if existing:
-                    if not slicer.util.confirmOkCancelDisplay(
-                            f"Segmentation '{p.outputSegmentation.GetName()}' already has segment(s) "
-                            f"{', '.join(existing)}. Replace them with the new result?"):
+                    if not self.confirm(f"Segmentation '{p.outputSegmentation.GetName()}' already has segment(s) "
+                                        f"{', '.join(existing)}. Replace them with the new result?"):
                         return
                     replaceExisting = True
-            settings = self.logic.jobSettings(p.device, p.iterations if kind == "segment" else None)
-            self._task = self.logic.startTask(
-                kind, p.inputVolume, nodes, classes=classes, segmentationNode=p.outputSegmentation,
-                settings=settings, connection=connection,
-                modelDirectory=p.modelDirectory if kind != "segment" else None,
-                replaceExisting=replaceExisting)
-            started = True
-        if not started:
+            iterations = p.iterations if kind in ("segment", "train", "finetune") else None
+            settings = self.logic.jobSettings(p.device, iterations)
+            started = self.logic.startTask(
+                kind, p.inputVolume, nodes, classes=classes,
+                segmentationNode=p.outputSegmentation if kind != "train" else None, settings=settings,
+                connection=connection, modelDirectory=p.modelDirectory if kind in ("predict", "finetune") else None,
+                replaceExisting=replaceExisting, datasetDirectory=p.datasetDirectory if kind == "train" else None)
+        if started is None:
             return
+        self._task = started
+        self._shownLog = None
         self.ui.progressBar.value = 0
         self.ui.progressBar.show()
         self.ui.statusLabel.text = "Starting..."
@@ -466,75 +616,122 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if task is None:
             self._pollTimer.stop()
             return
-        try:
-            events = self.logic.pollTask(task)
-        except Exception as error:  # a lost connection to the server, a crashed worker
-            logging.exception("PSCVSegment: polling the job failed")
-            events = [{"event": "error", "message": str(error)}]
-            task.events.extend(events)
-            task.job.cancel()
-        for event in events:
-            fraction, text = self.logic.describeEvent(event)
+        for event in task.poll():
+            fraction, text = tasks.describe(event)
             if fraction is not None:
                 self.ui.progressBar.value = int(round(1000 * fraction))
             if text:
                 self.ui.statusLabel.text = text
-        if not task.running or any(e.get("event") == "error" for e in events):
+        self._showLog(task)
+        if task.state == tasks.READY or task.ended:
             self._pollTimer.stop()
             self._finish()
+
+    def _showLog(self, task):
+        text = task.logText()
+        if text != self._shownLog:
+            self._shownLog = text
+            self.ui.logTextEdit.setPlainText(text)
+            scrollBar = self.ui.logTextEdit.verticalScrollBar()
+            scrollBar.setValue(scrollBar.maximum)
 
     def _finish(self):
         task, self._task = self._task, None
         self.ui.progressBar.hide()
         try:
-            with slicer.util.tryWithErrorDisplay("The job failed.", waitCursor=True):
-                try:
-                    segmentationNode = self.logic.finishTask(task)
-                except SegmentsExistError as error:
-                    if not slicer.util.confirmOkCancelDisplay(f"{error} Replace them?"):
-                        self.ui.statusLabel.text = "Result not imported."
+            if task.state == tasks.READY:
+                with slicer.util.tryWithErrorDisplay("The result could not be imported.", waitCursor=True):
+                    try:
+                        node = task.finish()
+                    except results.SegmentsExistError as error:
+                        if not self.confirm(f"{error} Replace them?"):
+                            task.discard("the result was not imported (its segments would have replaced others)")
+                            self.ui.statusLabel.text = "Result not imported."
+                            return
+                        node = task.finish(replace=True)
+                    except tasks.SceneClosedError as error:
+                        self.ui.statusLabel.text = f"Not imported: {error}."
                         return
-                    segmentationNode = self.logic.finishTask(task, replaceExisting=True)
-                if segmentationNode is None:
-                    self.ui.statusLabel.text = "Cancelled."
-                    return
-                self._parameterNode.outputSegmentation = segmentationNode
-                minutes = (time.time() - task.startTime) / 60
-                self.ui.statusLabel.text = f"Done in {minutes:.1f} min: '{segmentationNode.GetName()}'."
+                    self._onFinished(task, node)
+            elif task.state == tasks.CANCELLED:
+                self.ui.statusLabel.text = ("Cancelled: the scene was closed." if task.orphaned else "Cancelled.")
+            elif task.state == tasks.ORPHANED:
+                self.ui.statusLabel.text = f"Not imported: {task.message}."
+            elif task.state == tasks.FAILED:
+                self.ui.statusLabel.text = f"Failed: {task.message}"
+                self.ui.logCollapsibleButton.collapsed = False
+                slicer.util.errorDisplay(f"The {task.kind} job failed: {task.message}\n\nThe Log section shows what "
+                                         "the worker reported.", "PSCV Segment")
         finally:
+            self.logic.taskEnded(task)
+            self._showLog(task)
             self.updateButtons()
 
-    # Export and models --------------------------------------------------------------------------------
+    def _onFinished(self, task, node):
+        minutes = (time.time() - task.startTime) / 60
+        if task.kind == "train":
+            self._parameterNode.modelDirectory = task.modelDirectory or ""
+            self.ui.modelPathLineEdit.currentPath = task.modelDirectory or ""
+            self.ui.statusLabel.text = f"Model trained in {minutes:.1f} min: {task.modelDirectory}"
+            return
+        if node is not None:
+            self._parameterNode.outputSegmentation = node
+            self.ui.statusLabel.text = f"Done in {minutes:.1f} min: '{node.GetName()}'."
+
+    # Export, 3D, log, cohort and models ----------------------------------------------------------------
 
     def onExportSegNrrd(self):
         segmentationNode = self._parameterNode.outputSegmentation
-        path = qt.QFileDialog.getSaveFileName(
-            None, "Export segmentation", f"{segmentationNode.GetName()}.seg.nrrd",
-            "Slicer segmentation (*.seg.nrrd)")
+        path = self.askSavePath("Export segmentation", f"{segmentationNode.GetName()}.seg.nrrd",
+                                "Slicer segmentation (*.seg.nrrd)")
         if not path:
             return
         with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
-            self.logic.exportSegNrrd(segmentationNode, path)
+            export.exportSegNrrd(segmentationNode, str(path))
             self.ui.statusLabel.text = f"Saved {path}"
 
     def onExportDicomSeg(self):
         p = self._parameterNode
-        path = qt.QFileDialog.getSaveFileName(
-            None, "Export DICOM-SEG", f"{p.outputSegmentation.GetName()}.dcm", "DICOM (*.dcm)")
+        path = self.askSavePath("Export DICOM-SEG", f"{p.outputSegmentation.GetName()}.dcm", "DICOM (*.dcm)")
         if not path:
             return
         with slicer.util.tryWithErrorDisplay("DICOM-SEG export failed.", waitCursor=True):
             if not self.logic.setupDicomSegRequirements(askConfirmation=True):
                 return
-            self.logic.exportDicomSeg(p.outputSegmentation, p.inputVolume, path)
-            self.ui.statusLabel.text = f"Saved {path}"
+            warnings = self.logic.exportDicomSeg(p.outputSegmentation, p.inputVolume, str(path))
+            self.ui.statusLabel.text = f"Saved {path}" + "".join(f" ({w})" for w in warnings)
+
+    def onShow3D(self, show):
+        segmentationNode = self._parameterNode.outputSegmentation if self._parameterNode else None
+        if segmentationNode is None:
+            return
+        with slicer.util.tryWithErrorDisplay("Could not show the segmentation in 3D.", waitCursor=True):
+            results.show3D(segmentationNode, show)
+        self.updateButtons()
+
+    def onOpenLogFolder(self):
+        os.makedirs(self.logic.logStore.directory, exist_ok=True)
+        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(self.logic.logStore.directory)))
+
+    def onAddCase(self):
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Could not add the volume to the dataset.", waitCursor=True):
+            try:
+                added = cohort.addCase(p.datasetDirectory, p.inputVolume, self._classNodes())
+            except FileExistsError as error:
+                if not self.confirm(f"{error} Replace it?"):
+                    return
+                added = cohort.addCase(p.datasetDirectory, p.inputVolume, self._classNodes(), overwrite=True)
+            self.ui.statusLabel.text = f"Added '{added['case']}' to the dataset."
+        self.updateDatasetStatus()
+        self.updateButtons()
 
     def onSaveModel(self):
-        directory = qt.QFileDialog.getExistingDirectory(None, "Save the model into an empty folder")
+        directory = self.askDirectory("Save the model into an empty folder")
         if not directory:
             return
         with slicer.util.tryWithErrorDisplay("Could not save the model.", waitCursor=True):
-            saved = self.logic.saveLastModel(directory)
+            saved = self.logic.saveLastModel(str(directory))
             self.ui.modelPathLineEdit.currentPath = saved
             self.ui.statusLabel.text = f"Model saved in {saved}"
 
@@ -549,246 +746,160 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
 
         logic = slicer.util.getModuleLogic("PSCVSegment")  # or PSCVSegmentLogic()
         segmentation = logic.segment(volumeNode, [backgroundPoints, liverPoints, kidneyPoints],
-                                     settings={"device": "auto"})  # iterations: the device's budget
+                                     settings=logic.jobSettings("auto"))  # iterations: the device's budget
 
-    Each point list is one class, named after it; the first is the background.
+    Each point list is one class, named after it; the first is the background. What it does to MRML nodes
+    and jobs is in PSCVSegmentLib; this class adds what needs Slicer's application: the scene, settings,
+    dialogs, the DICOM database and package installation.
     """
-
-    POINT_LIST_EVENTS = (
-        vtkMRMLMarkupsFiducialNode.PointPositionDefinedEvent,
-        vtkMRMLMarkupsFiducialNode.PointRemovedEvent,
-        vtk.vtkCommand.ModifiedEvent,
-    )
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         self.lastModelDirectory = None
+        self._lastModelTask = None
+        self.temporaryRoot = os.path.join(slicer.app.temporaryPath, "PSCVSegment")
+        tasks.removeStaleWorkDirectories(self.temporaryRoot)
+        self.logStore = tasks.LogStore(os.path.join(self.temporaryRoot, tasks.LOGS_FOLDER))
 
     def getParameterNode(self):
         return PSCVSegmentParameterNode(super().getParameterNode())
 
-    # Engine helpers (plain data, tested without Slicer) ----------------------------------------------
-
-    @staticmethod
-    def describeEvent(event):
-        from pscv.slicer_inputs import describe_event
-
-        return describe_event(event)
+    def cleanup(self):
+        """Remove the last model's temporary folder (Save model copies it out first)."""
+        if self._lastModelTask is not None:
+            self._lastModelTask.removeWorkDirectory()
+            self._lastModelTask = None
+        self.lastModelDirectory = None
 
     @staticmethod
     def jobSettings(device="auto", iterations=None, **extra):
-        from pscv.slicer_inputs import job_settings
-
-        return job_settings(device, iterations, **extra)
-
-    # Classes and point lists --------------------------------------------------------------------------
+        return engine.job_settings(device, iterations, **extra)
 
     @staticmethod
-    def newClassNames(existingNames):
-        from pscv.slicer_inputs import new_class_names
+    def describeEvent(event):
+        return tasks.describe(event)
 
-        return new_class_names(existingNames)
+    # Sample data ------------------------------------------------------------------------------------------
 
-    def addClassPointList(self, name, value):
-        """A new point list for the class with label `value` (0: background), colored like the engine colors it."""
-        from pscv.data.classes import DEFAULT_COLORS
-
-        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
-        node.CreateDefaultDisplayNodes()
-        color = BACKGROUND_COLOR if value == 0 else [c / 255 for c in DEFAULT_COLORS[(value - 1) % len(DEFAULT_COLORS)]]
-        self.setPointListColor(node, color)
-        return node
-
-    @staticmethod
-    def pointListColor(node):
-        displayNode = node.GetDisplayNode()
-        return tuple(displayNode.GetSelectedColor()) if displayNode else BACKGROUND_COLOR
-
-    @staticmethod
-    def setPointListColor(node, color):
-        displayNode = node.GetDisplayNode()
-        if displayNode:
-            displayNode.SetSelectedColor(*color)
-            displayNode.SetColor(*color)
-
-    @staticmethod
-    def definedPointCount(node):
-        return sum(node.GetNthControlPointPositionStatus(i) == node.PositionDefined
-                   for i in range(node.GetNumberOfControlPoints()))
-
-    def classesFromPointLists(self, pointListNodes):
-        """`pscv.classes.ClassInfo` list from the point lists in table order (names, colors, values 0, 1, ...)."""
-        from pscv.slicer_inputs import classes_from_names
-
-        return classes_from_names([node.GetName() for node in pointListNodes],
-                                  [self.pointListColor(node) for node in pointListNodes])
-
-    def segmentProblems(self, volumeNode, pointListNodes):
-        """What keeps Segment from running, as sentences for a tooltip (empty when ready)."""
-        problems = []
-        if volumeNode is None:
-            problems.append("Select an input volume.")
-        if len(pointListNodes) < 2:
-            problems.append("Add classes: the background and at least one organ.")
-        empty = [node.GetName() for node in pointListNodes if not self.definedPointCount(node)]
-        if empty:
-            problems.append(f"Place points on: {', '.join(empty)}.")
-        return problems
-
-    @staticmethod
-    def pointListData(node):
-        """The defined control points of a point list as `pscv.viewer.PointList` (world RAS)."""
-        from pscv.slicer_inputs import PointList
-
-        positions, labels = [], []
-        for index in range(node.GetNumberOfControlPoints()):
-            if node.GetNthControlPointPositionStatus(index) != node.PositionDefined:
-                continue
-            position = [0.0, 0.0, 0.0]
-            node.GetNthControlPointPositionWorld(index, position)
-            positions.append(position)
-            labels.append(node.GetNthControlPointLabel(index))
-        return PointList(node.GetName(), np.array(positions, dtype=float).reshape(-1, 3), labels)
-
-    # Geometry: Slicer collects the matrices, pscv.geometry does the arithmetic ------------------------
-
-    @staticmethod
-    def ijkToRasMatrix(volumeNode):
-        matrix = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(matrix)
-        return slicer.util.arrayFromVTKMatrix(matrix)
-
-    @staticmethod
-    def worldToVolumeMatrix(volumeNode):
-        """Inverse of the volume's parent transform (world RAS -> volume RAS), or None if not transformed."""
-        transformNode = volumeNode.GetParentTransformNode()
-        if transformNode is None:
-            return None
-        if not transformNode.IsTransformToWorldLinear():
-            raise ValueError(f"Volume '{volumeNode.GetName()}' is under a non-linear transform: harden the "
-                             "transform (Transforms module) or remove it before segmenting.")
-        matrix = vtk.vtkMatrix4x4()
-        transformNode.GetMatrixTransformFromWorld(matrix)
-        return slicer.util.arrayFromVTKMatrix(matrix)
-
-    def pointsToVoxels(self, volumeNode, pointListNode):
-        """Voxel indices [k, j, i] of the defined points of a point list (the numpy array order)."""
-        from pscv.data.geometry import world_to_kji
-
-        data = self.pointListData(pointListNode)
-        rasToIjk = np.linalg.inv(self.ijkToRasMatrix(volumeNode))
-        return world_to_kji(data.world_ras, rasToIjk, self.worldToVolumeMatrix(volumeNode))
+    def loadSample(self, imagePath, pointsPath, classesPath):
+        """Load the sample volume and its class point lists; returns (volume node, point lists in class order)."""
+        volumeNode = slicer.util.loadVolume(str(imagePath), {"name": sampledata.VOLUME_NODE_NAME})
+        return volumeNode, sampledata.loadSample(slicer.mrmlScene, volumeNode, pointsPath, classesPath)
 
     # Jobs ---------------------------------------------------------------------------------------------
 
-    def prepareJob(self, directory, volumeNode, pointListNodes=None, classes=None):
-        """Write the job inputs for the worker into `directory`; returns the file arguments of JobClient.submit.
-
-        image.nrrd: the volume's voxels with its own geometry; points.mrk.json: each point list's defined
-        points, taken from world RAS through the inverse parent transform to voxels, written in the
-        image's LPS; classes.json: names, colors and label values in table order.
-        """
-        from pscv.slicer_inputs import write_job_inputs
-
-        if volumeNode is None or not volumeNode.IsA("vtkMRMLScalarVolumeNode"):
-            raise ValueError("Select a scalar volume (CT or MRI) as input.")
-        array = slicer.util.arrayFromVolume(volumeNode)
-        if array.ndim != 3:
-            raise ValueError(f"Volume '{volumeNode.GetName()}' is not a 3-D scalar image (array shape {array.shape}).")
-        if pointListNodes is not None and classes is None:
-            classes = self.classesFromPointLists(pointListNodes)
-        pointLists = [self.pointListData(node) for node in pointListNodes] if pointListNodes is not None else None
-        return write_job_inputs(directory, array, self.ijkToRasMatrix(volumeNode), classes, pointLists,
-                                self.worldToVolumeMatrix(volumeNode))
-
     def jobClient(self, connection=None):
-        """`pscv.client.JobClient` for a remote server or a local worker (Slicer's Python or the chosen one)."""
-        from pscv.jobs.client import JobClient
-
         connection = connection or self.connectionFromSettings()
-        if connection.remote:
-            return JobClient(server_url=connection.serverUrl, token=connection.token or None)
-        return JobClient(python=connection.python or self.slicerPython())
-
-    @staticmethod
-    def slicerPython():
-        python = shutil.which("PythonSlicer")
-        if not python:
-            raise RuntimeError("Slicer's Python (PythonSlicer) was not found; choose a Python environment in "
-                               "Advanced.")
-        return python
+        slicerPython = shutil.which("PythonSlicer")
+        startup = None
+        if not connection.remote and not environment.isSlicerPython(connection.python, slicerPython):
+            startup = slicer.util.startupEnvironment()  # bug 3: never Slicer's PYTHONHOME/PYTHONPATH
+        return environment.jobClient(connection, slicerPython=slicerPython, startupEnvironment=startup,
+                                     jobsDirectory=os.path.join(self.temporaryRoot, tasks.JOBS_FOLDER))
 
     def startTask(self, kind, volumeNode, pointListNodes=None, classes=None, segmentationNode=None,
-                  settings=None, connection=None, modelDirectory=None, replaceExisting=False):
-        """Write the inputs and submit a job: kind "segment" (train on the points, segment the volume),
-        "predict" (apply `modelDirectory`) or "finetune" (train `modelDirectory` further on the points)."""
-        if kind not in ("segment", "predict", "finetune"):
-            raise ValueError(f"Unknown job kind '{kind}'.")
-        if kind != "segment" and not (modelDirectory and os.path.isdir(modelDirectory)):
-            raise ValueError("Choose a model folder first (Model section).")
-        if kind != "predict" and not pointListNodes:
-            raise ValueError("Add classes and place points first.")
-        if pointListNodes is not None and classes is None:
-            classes = self.classesFromPointLists(pointListNodes)
-        if segmentationNode is not None and classes is not None and not replaceExisting:
-            existing = self.segmentsToReplace(segmentationNode, classes)
-            if existing:
-                raise SegmentsExistError(segmentationNode, existing)
-        workDirectory = slicer.util.tempDirectory("PSCVSegment-")
-        inputs = self.prepareJob(os.path.join(workDirectory, "inputs"), volumeNode,
-                                 pointListNodes if kind != "predict" else None, classes)
-        submit = dict(inputs, settings=settings or self.jobSettings())
-        if kind != "segment":
-            submit["model"] = modelDirectory
-        job = self.jobClient(connection).submit(kind, **submit)
-        shutil.rmtree(os.path.dirname(inputs["image"]), ignore_errors=True)  # the job has its own copies now
-        logging.info(f"PSCVSegment: submitted a {kind} job for '{volumeNode.GetName()}' ({workDirectory})")
-        return PSCVSegmentTask(kind, job, workDirectory, volumeNode, classes, segmentationNode, replaceExisting)
+                  settings=None, connection=None, modelDirectory=None, replaceExisting=False,
+                  datasetDirectory=None, strokesSegmentation=None, suggest=0):
+        """Write the inputs and start a job in the background; returns the started ``tasks.Task``.
 
-    @staticmethod
-    def pollTask(task):
-        events = task.job.poll()
-        task.events.extend(events)
-        return events
+        kind "segment" (train on the points, segment the volume), "predict" (apply ``modelDirectory``),
+        "finetune" (train ``modelDirectory`` further on the points) or "train" (one model on
+        ``datasetDirectory``). ``strokesSegmentation`` and ``suggest`` are issue 9's interactive inputs:
+        they raise NotImplementedError until the engine has them (PSCVSegmentLib.interactive).
+        """
+        if kind not in ("segment", "predict", "finetune", "train"):
+            raise ValueError(f"Unknown job kind '{kind}'.")
+        if kind in ("predict", "finetune") and not (modelDirectory and os.path.isdir(modelDirectory)):
+            raise ValueError("Choose a model folder first (Model section).")
+        if kind in ("segment", "finetune") and not pointListNodes:
+            raise ValueError("Add classes and place points first.")
+        if kind == "train" and not (datasetDirectory and os.path.isdir(datasetDirectory)):
+            raise ValueError("Choose a dataset folder first (Cohort section).")
+        if pointListNodes is not None and classes is None:
+            classes = pointlists.classesFromPointLists(pointListNodes)
+        if segmentationNode is not None and classes is not None and not replaceExisting:
+            existing = results.segmentsToReplace(segmentationNode, classes)
+            if existing:
+                raise results.SegmentsExistError(segmentationNode, existing)
+        problems = environment.connectionProblems(connection or self.connectionFromSettings())
+        if problems:
+            raise ValueError(" ".join(problems))
+        client = self.jobClient(connection)
+        workDirectory = tasks.newWorkDirectory(self.temporaryRoot, kind)
+        try:
+            submit = {"settings": dict(settings or self.jobSettings())}
+            if kind == "train":
+                submit["dataset"] = datasetDirectory
+                description = f"train a model on {datasetDirectory}"
+            else:
+                submit.update(volumes.writeJobInputs(os.path.join(workDirectory, "inputs"), volumeNode,
+                                                     pointListNodes if kind != "predict" else None, classes))
+                description = f"{kind} '{volumeNode.GetName()}'"
+            if kind != "segment" and kind != "train":
+                submit["model"] = modelDirectory
+            if strokesSegmentation is not None or suggest:
+                strokesFile = None
+                if strokesSegmentation is not None:
+                    strokesFile = interactive.writeStrokes(strokesSegmentation, classes,
+                                                           os.path.join(workDirectory, "inputs", "strokes.seg.nrrd"))
+                extras, extraSettings = interactive.submitExtras(interactive.engineFeatures(), None, strokesFile,
+                                                                 suggest)
+                submit.update(extras)
+                submit["settings"].update(extraSettings)
+        except Exception:
+            shutil.rmtree(workDirectory, ignore_errors=True)
+            raise
+        modelDestination = cohort.trainedModelDirectory(datasetDirectory) if kind == "train" else None
+        task = tasks.Task(kind, client, submit, workDirectory, scene=slicer.mrmlScene, volumeNode=volumeNode,
+                          classes=classes, segmentationNode=segmentationNode, replace=replaceExisting,
+                          modelDestination=modelDestination, description=description)
+        logging.info(f"PSCVSegment: starting: {description}")
+        return task.start()
+
+    def taskEnded(self, task):
+        """Save the task's log; keep its model (if any) as the last model, releasing the previous one."""
+        if task.ended or task.state == tasks.READY:
+            try:
+                self.logStore.save(task)
+            except OSError as error:
+                logging.warning(f"PSCVSegment: could not save the job's log: {error}")
+        if task.state == tasks.FINISHED and task.kind in ("segment", "finetune") and task.modelDirectory:
+            if self._lastModelTask is not None and self._lastModelTask is not task:
+                self._lastModelTask.removeWorkDirectory()
+            self._lastModelTask = task
+            self.lastModelDirectory = task.modelDirectory
+        elif task.state != tasks.FINISHED or task.kind not in ("segment", "finetune"):
+            if task is not self._lastModelTask:
+                task.removeWorkDirectory()
 
     def waitTask(self, task, timeout=None):
-        """Wait for the job while keeping the application responsive; then import the result."""
-        while task.running:
-            for event in self.pollTask(task):
-                if event.get("event") == "progress":
-                    logging.info(f"PSCVSegment: {self.describeEvent(event)[1]}")
+        """Wait for a task while keeping Slicer responsive; then import its result (scripts and the self-test)."""
+        while task.state not in (tasks.READY,) + tasks.ENDED:
+            for event in task.poll():
+                fraction, text = tasks.describe(event)
+                if event.get("event") == "progress" and text:
+                    logging.info(f"PSCVSegment: {text}")
             if timeout is not None and time.time() - task.startTime > timeout:
-                task.job.cancel()
-                raise TimeoutError(f"The job did not finish within {timeout} s and was cancelled.")
+                task.cancel()
+                task.wait(30)
+                task.poll()
+                self.taskEnded(task)
+                raise TimeoutError(f"The {task.kind} job did not finish within {timeout} s and was cancelled.")
             slicer.app.processEvents()
-            time.sleep(0.2)
-        self.pollTask(task)
-        return self.finishTask(task)
-
-    def finishTask(self, task, replaceExisting=None):
-        """Import the result of a finished job: the segmentation node, or None if the job was cancelled."""
-        state = task.job.state
-        failed = any(event.get("event") == "error" for event in task.events)
-        if state == "cancelled" and not failed:
-            return None
-        if state != "done" or failed:
-            raise RuntimeError(f"The {task.kind} job failed: {task.errorMessage()}")
-        if task.kind in ("segment", "finetune"):
-            self.lastModelDirectory = task.job.download("model", os.path.join(task.workDirectory, "model"))
-        resultPath = task.job.download("segmentation", os.path.join(task.workDirectory, "result.seg.nrrd"))
-        replace = task.replaceExisting if replaceExisting is None else replaceExisting
-        segmentationNode = self.loadResult(resultPath, task.volumeNode, task.segmentationNode, task.classes, replace)
-        task.segmentationNode = segmentationNode
+            time.sleep(0.1)
         try:
-            task.job.delete()  # results are copied out; a failed job's folder stays, for its worker.log
-        except Exception as error:
-            logging.warning(f"PSCVSegment: could not delete the finished job: {error}")
-        return segmentationNode
+            if task.state == tasks.READY:
+                return task.finish()
+            if task.state == tasks.CANCELLED:
+                return None
+            raise RuntimeError(f"The {task.kind} job {task.state}: {task.message}")
+        finally:
+            self.taskEnded(task)
 
     def segment(self, volumeNode, pointListNodes, segmentationNode=None, classes=None, settings=None, wait=True,
                 replaceExisting=False, connection=None, timeout=None):
-        """Train on the points of `volumeNode` and segment it; returns the segmentation node (or the task if
-        not `wait`: then poll it with `pollTask` and import with `finishTask`)."""
+        """Train on the points of ``volumeNode`` and segment it; returns the segmentation node (or the started
+        task if not ``wait``: then poll it, ``finish()`` it, and pass it to ``taskEnded``)."""
         task = self.startTask("segment", volumeNode, pointListNodes, classes, segmentationNode, settings,
                               connection, replaceExisting=replaceExisting)
         return self.waitTask(task, timeout) if wait else task
@@ -805,71 +916,16 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
                               connection, modelDirectory, replaceExisting)
         return self.waitTask(task, timeout) if wait else task
 
-    # Results ------------------------------------------------------------------------------------------
+    def trainModel(self, datasetDirectory, settings=None, wait=True, connection=None, timeout=None):
+        """Train one model on a dataset folder; returns the model folder (beside the dataset)."""
+        task = self.startTask("train", None, settings=settings, connection=connection,
+                              datasetDirectory=datasetDirectory)
+        if not wait:
+            return task
+        self.waitTask(task, timeout)
+        return task.modelDirectory
 
-    @staticmethod
-    def segmentNames(segmentationNode):
-        segmentation = segmentationNode.GetSegmentation()
-        return [segmentation.GetNthSegment(index).GetName() for index in range(segmentation.GetNumberOfSegments())]
-
-    def segmentsToReplace(self, segmentationNode, classesOrNames):
-        from pscv.slicer_inputs import segments_to_replace
-
-        return segments_to_replace(self.segmentNames(segmentationNode), classesOrNames)
-
-    def loadResult(self, resultPath, volumeNode, segmentationNode=None, classes=None, replaceExisting=False):
-        """Import a result `.seg.nrrd` into `segmentationNode` (a new one if None) on the volume's geometry.
-
-        Segments keep the names in the file; colors come from `classes` (matched by name) when given. An
-        existing segment with a result's name is replaced only with `replaceExisting`, else
-        `SegmentsExistError` is raised. The segmentation gets the volume's reference geometry and parent
-        transform and sits in the volume's subject-hierarchy study (as DICOM-SEG export needs).
-        """
-        resultNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "PSCV result (temporary)")
-        try:
-            resultNode.AddDefaultStorageNode()
-            storageNode = resultNode.GetStorageNode()
-            storageNode.SetFileName(str(resultPath))
-            if not storageNode.ReadData(resultNode):
-                raise RuntimeError(f"Could not read the result file {resultPath}.")
-            # The result has the volume's own geometry: put it under the volume's transform, like the target.
-            resultNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
-            source = resultNode.GetSegmentation()
-            backgroundNames = {c.name.lower() for c in classes or [] if c.value == 0} | {"background"}
-            segmentIds = [source.GetNthSegmentID(index) for index in range(source.GetNumberOfSegments())]
-            segmentIds = [i for i in segmentIds if source.GetSegment(i).GetName().lower() not in backgroundNames]
-            names = [source.GetSegment(i).GetName() for i in segmentIds]
-
-            if segmentationNode is None:
-                segmentationNode = slicer.mrmlScene.AddNewNodeByClass(
-                    "vtkMRMLSegmentationNode", f"{volumeNode.GetName()} segmentation")
-                segmentationNode.CreateDefaultDisplayNodes()
-            else:
-                existing = self.segmentsToReplace(segmentationNode, names)
-                if existing and not replaceExisting:
-                    raise SegmentsExistError(segmentationNode, existing)
-                target = segmentationNode.GetSegmentation()
-                for name in existing:
-                    target.RemoveSegment(target.GetSegmentIdBySegmentName(name))
-
-            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-            segmentationNode.SetNodeReferenceID(segmentationNode.GetReferenceImageGeometryReferenceRole(),
-                                                volumeNode.GetID())
-            segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
-            colors = {c.name.lower(): [v / 255 for v in c.color] for c in classes or []}
-            target = segmentationNode.GetSegmentation()
-            for segmentId, name in zip(segmentIds, names):
-                color = colors.get(name.lower(), source.GetSegment(segmentId).GetColor())
-                mask = slicer.util.arrayFromSegmentBinaryLabelmap(resultNode, segmentId, volumeNode)
-                newId = target.AddEmptySegment("", name, color)
-                slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentationNode, newId, volumeNode)
-        finally:
-            slicer.mrmlScene.RemoveNode(resultNode)
-
-        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-        studyItem = shNode.GetItemParent(shNode.GetItemByDataNode(volumeNode))
-        shNode.SetItemParent(shNode.GetItemByDataNode(segmentationNode), studyItem)
-        return segmentationNode
+    # Results and export ----------------------------------------------------------------------------------
 
     @staticmethod
     def dicomInstanceUids(volumeNode):
@@ -879,40 +935,13 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
         uids = (volumeNode.GetAttribute("DICOM.instanceUIDs") or "").split()
         return uids or None
 
-    @staticmethod
-    def exportSegNrrd(segmentationNode, path):
-        if not slicer.util.saveNode(segmentationNode, path):
-            raise RuntimeError(f"Could not write {path}.")
-
     def exportDicomSeg(self, segmentationNode, volumeNode, path):
         """DICOM-SEG through the engine's writer (highdicom), referencing the volume's DICOM series."""
-        from pscv.data.dicom_seg import write_dicom_seg
-        from pscv.data.geometry import volume_from_ijk_to_ras
-        from pscv.slicer_inputs import classes_from_names
-
-        uids = self.dicomInstanceUids(volumeNode)
-        if not uids:
-            raise ValueError(f"Volume '{volumeNode.GetName()}' was not loaded from DICOM.")
-        referenceDirectory = slicer.util.tempDirectory("PSCVSegment-dicom-")
-        for uid in uids:
-            sourceFile = slicer.dicomDatabase.fileForInstance(uid)
-            if not sourceFile or not os.path.exists(sourceFile):
-                raise RuntimeError(f"The DICOM file of instance {uid} is not in the DICOM database any more.")
-            shutil.copy(sourceFile, os.path.join(referenceDirectory, f"{uid}.dcm"))
-        segmentation = segmentationNode.GetSegmentation()
-        segmentIds = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
-        classes = classes_from_names(["background"] + [segmentation.GetSegment(i).GetName() for i in segmentIds],
-                                     [None] + [segmentation.GetSegment(i).GetColor() for i in segmentIds])
-        array = slicer.util.arrayFromVolume(volumeNode)
-        labelmap = np.zeros(array.shape, dtype=np.uint16)
-        for value, segmentId in enumerate(segmentIds, start=1):
-            mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
-            labelmap[mask > 0] = value
-        volume = volume_from_ijk_to_ras(array, self.ijkToRasMatrix(volumeNode))
-        try:
-            write_dicom_seg(path, labelmap, volume, classes, referenceDirectory)
-        finally:
-            shutil.rmtree(referenceDirectory, ignore_errors=True)
+        uids = self.dicomInstanceUids(volumeNode) or []
+        files = [slicer.dicomDatabase.fileForInstance(uid) for uid in uids]
+        if any(not f for f in files):
+            raise RuntimeError("Some DICOM files of the input series are not in the DICOM database any more.")
+        return export.exportDicomSeg(slicer.mrmlScene, segmentationNode, volumeNode, str(path), files)
 
     def saveLastModel(self, directory):
         if not self.lastModelDirectory or not os.path.isdir(self.lastModelDirectory):
@@ -934,7 +963,7 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
         remote = slicer.util.toBool(settings.value(f"{SETTINGS_KEY}/useRemoteServer", False))
         url = settings.value(f"{SETTINGS_KEY}/serverUrl", "") or ""
         python = settings.value(f"{SETTINGS_KEY}/python", "") or ""
-        return PSCVConnection(serverUrl=url if remote else "", python=python)
+        return environment.Connection(serverUrl=url if remote else "", python=python)
 
     @staticmethod
     def savedServerUrl():
@@ -948,39 +977,50 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
         settings.setValue(f"{SETTINGS_KEY}/python", connection.python)
 
     @staticmethod
-    def missingWorkerPackages():
+    def _hasPyTorchExtension():
         import importlib.util
 
-        return [pipName for moduleName, pipName in WORKER_PACKAGES if importlib.util.find_spec(moduleName) is None]
+        return importlib.util.find_spec("PyTorchUtils") is not None
+
+    def requirementProblems(self, connection=None):
+        """Why a job cannot run with ``connection`` now (sentences; empty: ready); installs nothing, no torch import."""
+        return environment.requirementProblems(connection or self.connectionFromSettings(),
+                                               torchVersion=environment.installedVersion("torch"),
+                                               hasPyTorchExtension=self._hasPyTorchExtension())
 
     def setupPythonRequirements(self, connection=None, askConfirmation=True):
         """Make sure the background process can run; returns False if the user declined an installation.
 
-        A remote server or a user-chosen Python environment brings its own packages. For Slicer's Python:
-        torch through the PyTorch extension (PyTorchUtils), the other packages with pip after asking.
-        Slicer's SimpleITK is never replaced. Torch is looked up without importing it into Slicer.
+        A remote server or a chosen Python environment brings its own packages. For Slicer's Python: torch
+        through the PyTorch extension (PyTorchUtils, at least environment.MINIMUM_TORCH), the other packages
+        with pip, each after asking. Slicer's SimpleITK is never replaced; torch is not imported to check it.
         """
-        import importlib.util
-
         connection = connection or self.connectionFromSettings()
-        if connection.remote:
+        problems = environment.connectionProblems(connection)
+        if problems:
+            raise ValueError(" ".join(problems))
+        if connection.remote or connection.python:
             return True
-        if connection.python:
-            if not os.path.isfile(connection.python):
-                raise ValueError(f"The Python environment '{connection.python}' does not exist; fix it in Advanced.")
-            return True
-        if importlib.util.find_spec("torch") is None:
-            try:
-                import PyTorchUtils
-            except ModuleNotFoundError:
+        torchVersion = environment.installedVersion("torch")
+        problem = environment.torchProblem(torchVersion)
+        if problem:
+            raise RuntimeError(problem)
+        if torchVersion is None:
+            if not self._hasPyTorchExtension():
                 raise RuntimeError(
                     "PSCV Segment needs PyTorch: install the 'PyTorch' extension from the Extensions Manager and "
-                    "restart Slicer, or choose a Python environment that has torch in Advanced.") from None
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if not torchLogic.torchInstalled():
-                if torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=">=2.2") is None:
-                    return False
-        missing = self.missingWorkerPackages()
+                    "restart Slicer, or choose a Python environment that has torch in Advanced.")
+            if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                    "PSCV Segment needs PyTorch in Slicer's Python. Install it now through the PyTorch extension? "
+                    "This downloads several hundred MB to 2 GB and may take minutes.", "PSCV Segment: install PyTorch"):
+                return False
+            import PyTorchUtils
+
+            # installTorch imports torch into this process once it is installed (PyTorchUtils' own doing).
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                    askConfirmation=False, torchVersionRequirement=f">={environment.MINIMUM_TORCH}") is None:
+                return False
+        missing = environment.missingPackages()
         if missing:
             if askConfirmation and not slicer.util.confirmOkCancelDisplay(
                     f"PSCV Segment needs these Python packages in Slicer's Python: {', '.join(missing)}. "
@@ -988,7 +1028,7 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
                     "PSCV Segment: install Python packages"):
                 return False
             slicer.util.pip_install(" ".join(missing))
-            missing = self.missingWorkerPackages()
+            missing = environment.missingPackages()
             if missing:
                 raise RuntimeError(f"Installing {', '.join(missing)} failed; see the Python console for pip's output.")
         return True
@@ -996,18 +1036,11 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def setupDicomSegRequirements(askConfirmation=True):
         """highdicom, in a version that works with Slicer's own pydicom (pydicom itself is not upgraded)."""
-        import importlib.metadata
         import importlib.util
-
-        from pscv.slicer_inputs import highdicom_requirement
 
         if importlib.util.find_spec("highdicom") is not None:
             return True
-        try:
-            pydicomVersion = importlib.metadata.version("pydicom")
-        except importlib.metadata.PackageNotFoundError:
-            pydicomVersion = None
-        requirement = highdicom_requirement(pydicomVersion)
+        requirement = engine.highdicom_requirement(environment.installedVersion("pydicom"))
         if askConfirmation and not slicer.util.confirmOkCancelDisplay(
                 f"DICOM-SEG export needs the Python package {requirement}. Install it now with pip?",
                 "PSCV Segment: install highdicom"):
@@ -1023,20 +1056,41 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
 
 class PSCVSegmentTest(ScriptedLoadableModuleTest):
     """Run from Slicer: Developer mode, then "Reload and Test" in this module, or
-    `Slicer --testing --python-code "import PSCVSegment; PSCVSegment.PSCVSegmentTest().runTest()"`."""
+    `Slicer --testing --python-code "import PSCVSegment; PSCVSegment.PSCVSegmentTest().runTest()"`.
+
+    Isolated from this computer: jobs run in a local worker with Slicer's own Python (never the remote
+    server or the Python environment saved in the application settings, which are not read or written), and
+    nothing is installed: without torch or the worker's packages the training tests are skipped, saying why.
+    """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.setUp()
-        self.test_points_land_on_voxels_under_a_transform()
-        self.setUp()
-        self.test_segment_two_organs()
+        for test in (self.test_points_land_on_voxels_under_a_transform, self.test_segment_two_organs,
+                     self.test_widget_path):
+            self.setUp()
+            try:
+                test()
+            except unittest.SkipTest as reason:
+                self.delayDisplay(f"Skipped {test.__name__}: {reason}")
+
+    # Helpers --------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def testConnection():
+        return environment.Connection()  # Slicer's own Python, a local worker
+
+    def requireWorker(self, logic):
+        problems = logic.requirementProblems(self.testConnection())
+        if problems:
+            self.skipTest(" ".join(problems))
 
     @staticmethod
     def _syntheticVolume(ijkToRas):
         """24 x 48 x 48 voxels [k, j, i]: noise, a bright ball (organ 1) and a brighter box (organ 2)."""
+        import numpy as np
+
         rng = np.random.default_rng(0)
         k, j, i = np.mgrid[0:24, 0:48, 0:48]
         labels = np.zeros(k.shape, dtype=np.uint8)
@@ -1047,22 +1101,39 @@ class PSCVSegmentTest(ScriptedLoadableModuleTest):
         return volumeNode, labels
 
     @staticmethod
-    def _pointList(name, kjiPoints, ijkToRas, localToWorld=None):
-        from pscv.data.geometry import kji_to_world
+    def _clickVoxels(labels, rng, perClass=3):
+        """Three voxels per class on every other slice where the class is: {class value: [[k, j, i], ...]}."""
+        import numpy as np
 
-        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
-        node.CreateDefaultDisplayNodes()
-        for position in kji_to_world(kjiPoints, ijkToRas, localToWorld):
+        clicks = {}
+        for value in (0, 1, 2):
+            for k in range(1, labels.shape[0] - 1, 2):
+                rows, cols = np.nonzero(labels[k] == value)
+                for pick in rng.choice(len(rows), size=min(perClass, len(rows)), replace=False) if len(rows) else []:
+                    clicks.setdefault(value, []).append([k, rows[pick], cols[pick]])
+        return clicks
+
+    @staticmethod
+    def _placePoints(node, kjiPoints, ijkToRas, localToWorld=None):
+        for position in engine.kji_to_world(kjiPoints, ijkToRas, localToWorld):
             node.AddControlPointWorld(vtk.vtkVector3d(*position))
-        return node
+
+    @staticmethod
+    def _dice(mask, truth):
+        import numpy as np
+
+        return 2 * np.sum(mask & truth) / max(1, mask.sum() + truth.sum())
+
+    def _mask(self, segmentationNode, name, volumeNode):
+        segmentId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(name)
+        return export.segmentMask(slicer.mrmlScene, segmentationNode, segmentId, volumeNode)
+
+    # Tests ----------------------------------------------------------------------------------------------
 
     def test_points_land_on_voxels_under_a_transform(self):
-        from pscv.data.classes import read_classes
-        from pscv.data.clicks import read_clicks
-        from pscv.data.volumes import read_image
+        import numpy as np
 
         self.delayDisplay("Points on an oblique, transformed volume")
-        logic = PSCVSegmentLogic()
         angle = np.radians(25)
         ijkToRas = np.array([[0.0, -1.2 * np.sin(angle), 1.2 * np.cos(angle), 5.0],
                              [-0.9, 0.0, 0.0, -12.0],
@@ -1077,9 +1148,13 @@ class PSCVSegmentTest(ScriptedLoadableModuleTest):
 
         expected = {"background": [[2, 2, 2], [20, 45, 3]], "ball": [[12, 16, 16], [10, 15, 19]],
                     "box": [[5, 27, 25], [19, 39, 41]]}
-        nodes = [self._pointList(name, kji, ijkToRas, localToWorld) for name, kji in expected.items()]
+        nodes = []
+        for value, (name, kji) in enumerate(expected.items()):
+            node = pointlists.addClassPointList(slicer.mrmlScene, name, value)
+            self._placePoints(node, kji, ijkToRas, localToWorld)
+            nodes.append(node)
         for node, kji in zip(nodes, expected.values()):
-            np.testing.assert_array_equal(logic.pointsToVoxels(volumeNode, node), kji)
+            np.testing.assert_array_equal(pointlists.pointsToVoxels(volumeNode, node), kji)
 
         # The same voxels the script repository's way, with Slicer's own transform classes only.
         worldToVolume = vtk.vtkGeneralTransform()
@@ -1092,48 +1167,153 @@ class PSCVSegmentTest(ScriptedLoadableModuleTest):
                 node.GetNthControlPointPositionWorld(index, world)
                 ijk = rasToIjk.MultiplyPoint(list(worldToVolume.TransformPoint(world)) + [1.0])
                 self.assertEqual([int(round(c)) for c in ijk[:3]][::-1], voxel)
-
-        directory = slicer.util.tempDirectory("PSCVSegmentTest-")
-        inputs = logic.prepareJob(directory, volumeNode, nodes)
-        volume = read_image(inputs["image"])
-        classes = read_classes(inputs["classes"])
-        clicks = read_clicks(inputs["points"], volume, classes)
-        for info, kji in zip(classes, expected.values()):
-            np.testing.assert_array_equal(clicks.kji[clicks.values == info.value], kji)
-            self.assertTrue(all(labels[tuple(p)] == info.value for p in kji))
-        np.testing.assert_array_equal(volume.array, slicer.util.arrayFromVolume(volumeNode))
-        shutil.rmtree(directory, ignore_errors=True)
         self.delayDisplay("Points land on the right voxels")
 
     def test_segment_two_organs(self):
+        """The Logic's scripting path (README's console example) on a synthetic volume."""
+        import numpy as np
+
         self.delayDisplay("Segment a synthetic volume with two organs (short training)")
         logic = PSCVSegmentLogic()
-        if not logic.setupPythonRequirements(askConfirmation=False):
-            self.skipTest("Python packages for the background process are not installed")
+        self.requireWorker(logic)
         ijkToRas = np.diag([-1.0, -1.0, 2.0, 1.0])
         volumeNode, labels = self._syntheticVolume(ijkToRas)
-        rng = np.random.default_rng(1)
+        clicks = self._clickVoxels(labels, np.random.default_rng(1))
         nodes = []
         for value, name in enumerate(["background", "ball", "box"]):
-            points = []
-            for k in range(1, 23, 2):  # three points per class on every other slice where the class is
-                rows, cols = np.nonzero(labels[k] == value)
-                for pick in rng.choice(len(rows), size=min(3, len(rows)), replace=False) if len(rows) else []:
-                    points.append([k, rows[pick], cols[pick]])
-            nodes.append(self._pointList(name, points, ijkToRas))
+            node = pointlists.addClassPointList(slicer.mrmlScene, name, value)
+            self._placePoints(node, clicks[value], ijkToRas)
+            nodes.append(node)
         settings = logic.jobSettings("auto", 300, image_size=64, batch_size=4)
-        segmentationNode = logic.segment(volumeNode, nodes, settings=settings, timeout=1800)
+        segmentationNode = logic.segment(volumeNode, nodes, settings=settings, connection=self.testConnection(),
+                                         timeout=1800)
         self.assertIsNotNone(segmentationNode)
-        segmentation = segmentationNode.GetSegmentation()
-        self.assertEqual(sorted(logic.segmentNames(segmentationNode)), ["ball", "box"])
+        self.assertEqual(sorted(results.segmentNames(segmentationNode)), ["ball", "box"])
         for value, name in ((1, "ball"), (2, "box")):
-            segmentId = segmentation.GetSegmentIdBySegmentName(name)
-            mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode) > 0
-            truth = labels == value
-            dice = 2 * np.sum(mask & truth) / max(1, mask.sum() + truth.sum())
+            dice = self._dice(self._mask(segmentationNode, name, volumeNode), labels == value)
             self.delayDisplay(f"Dice of {name}: {dice:.3f}")
             # The engine alone, same data and settings, on a CPU: 0.77 (ball) and 0.91 (box). A wrong
             # geometry (flipped axes, transform, misplaced clicks) gives about 0.
             self.assertGreater(dice, 0.6)
         self.assertIsNotNone(logic.lastModelDirectory)
+        logic.cleanup()
         self.delayDisplay("Segmentation test passed")
+
+    def test_widget_path(self):
+        """The GUI as a user drives it: add classes, place points, Segment (the poll timer runs the job to the
+        end), both exports, Save model, Apply, Fine-tune, Cancel, and Segment into a segmentation whose
+        segments are replaced after confirming, while a segment of the user's own survives."""
+        import tempfile
+
+        import numpy as np
+
+        self.delayDisplay("The module's widget, as a user drives it")
+        logic = PSCVSegmentLogic()
+        self.requireWorker(logic)
+        slicer.util.selectModule("PSCVSegment")
+        widget = slicer.modules.PSCVSegmentWidget
+        widget.connectionOverride = self.testConnection()  # never the settings of this computer
+        confirmations = []
+        widget.confirm = lambda text: confirmations.append(text) or True
+        outputFolder = tempfile.mkdtemp(prefix="PSCVSegmentTest-")
+        savePaths = []
+        widget.askSavePath = lambda title, name, filters: savePaths.append(os.path.join(outputFolder, name)) or \
+            savePaths[-1]
+        widget.askDirectory = lambda title: os.path.join(outputFolder, "saved-model")
+        try:
+            ijkToRas = np.diag([1.0, 1.0, 2.0, 1.0])
+            volumeNode, labels = self._syntheticVolume(ijkToRas)
+            widget.initializeParameterNode()
+            p = widget._parameterNode
+            p.inputVolume = volumeNode
+            p.iterations = 60
+            self.assertFalse(widget.ui.segmentButton.enabled)
+
+            widget.ui.addClassButton.click()  # background and organ 1
+            widget.ui.addClassButton.click()  # organ 2
+            nodes = widget._classNodes()
+            self.assertEqual([n.GetName() for n in nodes], ["background", "organ 1", "organ 2"])
+            widget.ui.classesTable.item(1, 0).setText("ball")  # rename in the table
+            widget.ui.classesTable.item(2, 0).setText("box")
+            self.assertEqual([n.GetName() for n in nodes], ["background", "ball", "box"])
+            self.assertTrue(widget.selectClass(1, place=True))  # key "2"
+            interaction = slicer.app.applicationLogic().GetInteractionNode()
+            self.assertEqual(interaction.GetCurrentInteractionMode(), interaction.Place)
+            interaction.SwitchToViewTransformMode()
+            clicks = self._clickVoxels(labels, np.random.default_rng(2))
+            for value, node in enumerate(nodes):
+                self._placePoints(node, clicks[value], ijkToRas)
+            self.assertEqual(widget.ui.classesTable.item(1, 2).text(), str(len(clicks[1])))
+            self.assertTrue(widget.ui.segmentButton.enabled, widget.ui.segmentButton.toolTip)
+
+            # Segment, followed by the poll timer to the end.
+            widget.ui.segmentButton.click()
+            self.assertEqual(widget.ui.segmentButton.text, "Cancel")
+            self._waitForWidget(widget)
+            segmentationNode = p.outputSegmentation
+            self.assertIsNotNone(segmentationNode, widget.ui.statusLabel.text)
+            self.assertEqual(results.segmentNames(segmentationNode), ["ball", "box"])
+            self.assertIn("Training", widget.ui.logTextEdit.toPlainText())
+            self.assertTrue(widget.ui.exportSegNrrdButton.enabled)
+
+            # Exports: .seg.nrrd here; DICOM-SEG needs a volume from the DICOM database (pytest covers the
+            # writer on a real series), so its button must stay off for this volume.
+            widget.ui.exportSegNrrdButton.click()
+            self.assertTrue(os.path.isfile(savePaths[-1]), savePaths)
+            self.assertFalse(widget.ui.exportDicomSegButton.enabled)
+            widget.ui.show3DButton.click()
+            self.assertTrue(results.is3DShown(segmentationNode))
+
+            # Save the model, Apply it, Fine-tune it.
+            widget.ui.saveModelButton.click()
+            self.assertTrue(os.path.isfile(os.path.join(outputFolder, "saved-model", "model.json")))
+            self.assertEqual(p.modelDirectory, os.path.join(outputFolder, "saved-model"))
+            p.outputSegmentation = None
+            widget.ui.applyModelButton.click()
+            self._waitForWidget(widget)
+            applied = p.outputSegmentation
+            self.assertIsNotNone(applied)
+            self.assertIsNot(applied, segmentationNode)
+            widget.ui.finetuneModelButton.click()  # into the applied segmentation: replaces after asking
+            self._waitForWidget(widget)
+            self.assertTrue(any("Replace" in text for text in confirmations))
+            self.assertEqual(sorted(results.segmentNames(applied)), ["ball", "box"])
+
+            # Cancel a running job: nothing is imported.
+            count = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+            p.outputSegmentation = None
+            p.iterations = 100000
+            widget.ui.segmentButton.click()
+            self._waitForWidget(widget, until=lambda: widget._task is None or any(
+                e.get("stage") == "train" for e in widget._task.events))
+            widget.ui.segmentButton.click()  # Cancel
+            self._waitForWidget(widget)
+            self.assertIn("Cancelled", widget.ui.statusLabel.text)
+            self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), count)
+
+            # Replace: the user's own segment survives, the class segments are replaced after confirming.
+            p.iterations = 60
+            p.outputSegmentation = segmentationNode
+            own = segmentationNode.GetSegmentation().AddEmptySegment("", "my lesion")
+            confirmations.clear()
+            widget.ui.segmentButton.click()
+            self.assertTrue(confirmations and "Replace" in confirmations[0])
+            self._waitForWidget(widget)
+            self.assertEqual(results.segmentNames(segmentationNode), ["my lesion", "ball", "box"])
+            self.assertIsNotNone(segmentationNode.GetSegmentation().GetSegment(own))
+            jobsFolder = os.path.join(widget.logic.temporaryRoot, tasks.JOBS_FOLDER)
+            self.assertEqual(os.listdir(jobsFolder) if os.path.isdir(jobsFolder) else [], [])  # job folders removed
+            self.delayDisplay("Widget path passed")
+        finally:
+            if widget._task is not None:
+                widget._task.cancel()
+            widget.connectionOverride = None
+            shutil.rmtree(outputFolder, ignore_errors=True)
+
+    def _waitForWidget(self, widget, until=None, timeout=1800):
+        """Let the poll timer run (events processed) until the job is over, or ``until()`` holds."""
+        deadline = time.time() + timeout
+        while (widget._task is not None) if until is None else not until():
+            self.assertLess(time.time(), deadline, "the job did not finish in time")
+            slicer.app.processEvents()
+            time.sleep(0.05)

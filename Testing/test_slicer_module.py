@@ -4,12 +4,14 @@ What is checked: the module file compiles and never imports torch; every `self.u
 widget of the .ui file with a plausible class; the parameter node's fields and the .ui's
 `SlicerParameterName` properties agree, with widget classes Slicer's parameterNodeWrapper can connect;
 the CMake lists name exactly the files that exist; the .s4ext, the catalog JSON and the CMake metadata
-agree; the icons are 128x128 PNGs; the engine never imports slicer/qt/ctk/vtk; every `pscv` name the
-module uses exists; and the plain-data part of the Logic's job preparation (`pscv.slicer_inputs`), end to end
-through the engine's own readers.
+agree; the icons are 128x128 PNGs; the engine never imports slicer/qt/ctk/vtk; the Qt-free layer
+(PSCVSegmentLib) never imports qt/ctk or uses slicer.app/slicer.util/slicer.mrmlScene, and the module
+file reaches the engine only through it; every engine or layer name the module uses exists; and the
+plain-data part of the job preparation (`pscv.slicer_inputs`), end to end through the engine's own readers.
 
-What is NOT checked here: anything that runs inside Slicer (widgets, MRML calls, the background job
-from Slicer). That is `PSCVSegmentTest` in PSCVSegment.py, run by Slicer's self-test.
+Elsewhere: the MRML layer on slicer-core's real classes (test_slicer_mrml.py, test_slicer_tasks.py), the
+worker's Python and environment (test_slicer_environment.py). Only a run inside Slicer checks the widget
+itself: `PSCVSegmentTest` in PSCVSegment.py (Slicer's self-test).
 """
 
 import ast
@@ -103,6 +105,7 @@ def test_module_classes_follow_the_slicer_naming(tree):
     assert "runTest" in test_methods
     assert "test_segment_two_organs" in test_methods
     assert "test_points_land_on_voxels_under_a_transform" in test_methods
+    assert "test_widget_path" in test_methods
 
 
 # --- the .ui file ------------------------------------------------------------------------------------------
@@ -117,6 +120,7 @@ EXPECTED_CLASSES = [
     ("CheckBox", {"QCheckBox"}),
     ("PathLineEdit", {"ctkPathLineEdit"}),
     ("LineEdit", {"QLineEdit"}),
+    ("TextEdit", {"QPlainTextEdit", "QTextEdit"}),
     ("Table", {"QTableWidget"}),
     ("ProgressBar", {"QProgressBar"}),
     ("Label", {"QLabel"}),
@@ -201,12 +205,64 @@ def test_device_choices_match_the_engine(tree):
     assert tuple(ast.literal_eval(choices)) == slicer_inputs.DEVICES
 
 
-def test_the_module_uses_existing_engine_names(tree):
+LIB = MODULE_DIR / "PSCVSegmentLib"
+
+
+def top_level_names(path):
+    """Names a Python file defines at its top level (functions, classes, assignments, imports), without
+    importing it (the layer's modules need slicer-core)."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                for element in ast.walk(target):
+                    if isinstance(element, ast.Name):
+                        names.add(element.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+    return names
+
+
+def test_the_module_reaches_the_engine_only_through_its_layer(tree):
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pscv"):
-            module = importlib.import_module(node.module)
+        if isinstance(node, ast.Import):
+            assert not any(alias.name.split(".")[0] == "pscv" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert (node.module or "").split(".")[0] != "pscv", "use PSCVSegmentLib (engine.py) for engine names"
+
+
+def test_the_module_uses_existing_layer_and_engine_names(tree, source):
+    layer = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "PSCVSegmentLib":
             for alias in node.names:
-                assert hasattr(module, alias.name), f"{node.module}.{alias.name} does not exist"
+                assert (LIB / f"{alias.name}.py").is_file(), f"PSCVSegmentLib.{alias.name} does not exist"
+                layer[alias.asname or alias.name] = top_level_names(LIB / f"{alias.name}.py")
+    assert layer
+    for module, name in set(re.findall(r"\b(" + "|".join(layer) + r")\.(\w+)", source)):
+        assert name in layer[module], f"PSCVSegmentLib.{module}.{name} does not exist"
+    for path in sorted(LIB.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pscv"):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    assert hasattr(module, alias.name), f"{path.name}: {node.module}.{alias.name} does not exist"
+
+
+def test_the_mrml_layer_is_qt_free_and_takes_the_scene_as_an_argument():
+    forbidden_modules = {"qt", "ctk", "PythonQt", "slicer.util", "slicer.ScriptedLoadableModule"}
+    application = {"app", "mrmlScene", "util", "modules", "dicomDatabase", "selfTests"}
+    for path in sorted(LIB.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                assert not {alias.name for alias in node.names} & forbidden_modules, f"{path.name}:{node.lineno}"
+            elif isinstance(node, ast.ImportFrom):
+                assert node.module not in forbidden_modules, f"{path.name}:{node.lineno}"
+                assert not (node.module == "slicer" and {a.name for a in node.names} & application), path.name
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "slicer":
+                assert node.attr not in application, f"{path.name}:{node.lineno} uses slicer.{node.attr}"
 
 
 def test_engine_never_imports_slicer_qt_ctk_vtk():

@@ -58,4 +58,11 @@ from pscv.slicer_inputs import (  # noqa: E402,F401
     write_job_inputs,
 )
 
-ENGINE_MODULE_PREFIXES = ("pscv",)
+RELOADED_PACKAGES = ("PSCVSegmentLib", "pscv")
+
+
+def modulesToReload(moduleNames) -> list:
+    """The loaded modules of this layer and of the engine, for the module's Reload (Developer mode) to drop
+    from ``sys.modules`` so that editing them takes effect without restarting Slicer."""
+    return [name for name in moduleNames
+            if name in RELOADED_PACKAGES or name.startswith(tuple(f"{package}." for package in RELOADED_PACKAGES))]

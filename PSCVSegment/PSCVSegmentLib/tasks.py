@@ -270,6 +270,11 @@ class Task:
         self.removeWorkDirectory(keepModel=True)
         return node
 
+    def discard(self, message="the result was not imported"):
+        """Drop a downloaded result (state READY) without importing it, e.g. when the user declines to replace."""
+        if self.state == READY:
+            self._settle(CANCELLED, message)
+
     def removeWorkDirectory(self, keepModel=False):
         """Remove the task's work folder; with ``keepModel`` its model folder stays (the caller removes it later)."""
         if not os.path.isdir(self.workDirectory):
