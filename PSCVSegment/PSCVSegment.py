@@ -34,13 +34,11 @@ from PSCVSegmentLib import (
     engine,
     environment,
     export,
-    interactive,
     pointlists,
     results,
     sampledata,
     tasks,
     terminology,
-    volumes,
 )
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -96,8 +94,10 @@ SlicerTotalSegmentator.
 def registerSampleData():
     """The ACDC sample in the Sample Data module (category "PSCV Segment"): its button loads the volume and its
     class points and opens this module, ready to Segment."""
-    import SampleData
-
+    try:
+        import SampleData
+    except ImportError:  # the Sample Data module is disabled: "Load sample data" in this module still works
+        return
     problems = sampledata.sampleProblems(MODULE_DIR)
     if problems:
         logging.warning(f"PSCV Segment: the sample data is not registered: {'; '.join(problems)}")
@@ -397,7 +397,7 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 countItem.setText(str(pointlists.definedPointCount(node)))
             colorButton = table.cellWidget(row, 1)
             color = qt.QColor.fromRgbF(*pointlists.pointListColor(node))
-            if colorButton is not None and colorButton.color != color:
+            if colorButton is not None and colorButton.color.name() != color.name():
                 wasBlocked = colorButton.blockSignals(True)
                 colorButton.color = color
                 colorButton.blockSignals(wasBlocked)
@@ -800,60 +800,16 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
     def startTask(self, kind, volumeNode, pointListNodes=None, classes=None, segmentationNode=None,
                   settings=None, connection=None, modelDirectory=None, replaceExisting=False,
                   datasetDirectory=None, strokesSegmentation=None, suggest=0):
-        """Write the inputs and start a job in the background; returns the started ``tasks.Task``.
-
-        kind "segment" (train on the points, segment the volume), "predict" (apply ``modelDirectory``),
-        "finetune" (train ``modelDirectory`` further on the points) or "train" (one model on
-        ``datasetDirectory``). ``strokesSegmentation`` and ``suggest`` are issue 9's interactive inputs:
-        they raise NotImplementedError until the engine has them (PSCVSegmentLib.interactive).
-        """
-        if kind not in ("segment", "predict", "finetune", "train"):
-            raise ValueError(f"Unknown job kind '{kind}'.")
-        if kind in ("predict", "finetune") and not (modelDirectory and os.path.isdir(modelDirectory)):
-            raise ValueError("Choose a model folder first (Model section).")
-        if kind in ("segment", "finetune") and not pointListNodes:
-            raise ValueError("Add classes and place points first.")
-        if kind == "train" and not (datasetDirectory and os.path.isdir(datasetDirectory)):
-            raise ValueError("Choose a dataset folder first (Cohort section).")
-        if pointListNodes is not None and classes is None:
-            classes = pointlists.classesFromPointLists(pointListNodes)
-        if segmentationNode is not None and classes is not None and not replaceExisting:
-            existing = results.segmentsToReplace(segmentationNode, classes)
-            if existing:
-                raise results.SegmentsExistError(segmentationNode, existing)
-        problems = environment.connectionProblems(connection or self.connectionFromSettings())
+        """Write the inputs and start a job in the background; returns the started ``tasks.Task`` (see
+        ``tasks.createTask`` for the kinds: segment, predict, finetune, train)."""
+        connection = connection or self.connectionFromSettings()
+        problems = environment.connectionProblems(connection)
         if problems:
             raise ValueError(" ".join(problems))
-        client = self.jobClient(connection)
-        workDirectory = tasks.newWorkDirectory(self.temporaryRoot, kind)
-        try:
-            submit = {"settings": dict(settings or self.jobSettings())}
-            if kind == "train":
-                submit["dataset"] = datasetDirectory
-                description = f"train a model on {datasetDirectory}"
-            else:
-                submit.update(volumes.writeJobInputs(os.path.join(workDirectory, "inputs"), volumeNode,
-                                                     pointListNodes if kind != "predict" else None, classes))
-                description = f"{kind} '{volumeNode.GetName()}'"
-            if kind != "segment" and kind != "train":
-                submit["model"] = modelDirectory
-            if strokesSegmentation is not None or suggest:
-                strokesFile = None
-                if strokesSegmentation is not None:
-                    strokesFile = interactive.writeStrokes(strokesSegmentation, classes,
-                                                           os.path.join(workDirectory, "inputs", "strokes.seg.nrrd"))
-                extras, extraSettings = interactive.submitExtras(interactive.engineFeatures(), None, strokesFile,
-                                                                 suggest)
-                submit.update(extras)
-                submit["settings"].update(extraSettings)
-        except Exception:
-            shutil.rmtree(workDirectory, ignore_errors=True)
-            raise
-        modelDestination = cohort.trainedModelDirectory(datasetDirectory) if kind == "train" else None
-        task = tasks.Task(kind, client, submit, workDirectory, scene=slicer.mrmlScene, volumeNode=volumeNode,
-                          classes=classes, segmentationNode=segmentationNode, replace=replaceExisting,
-                          modelDestination=modelDestination, description=description)
-        logging.info(f"PSCVSegment: starting: {description}")
+        task = tasks.createTask(slicer.mrmlScene, kind, self.jobClient(connection), self.temporaryRoot,
+                                volumeNode, pointListNodes, classes, segmentationNode, settings, modelDirectory,
+                                replaceExisting, datasetDirectory, strokesSegmentation, suggest)
+        logging.info(f"PSCVSegment: starting: {task.description}")
         return task.start()
 
     def taskEnded(self, task):

@@ -16,7 +16,7 @@ from conftest import TINY_SETTINGS
 from slicer_scene import SlicerScene, slicer  # noqa: F401 (skips without slicer-core)
 
 from pscv.data import geometry
-from PSCVSegmentLib import environment, pointlists, results, tasks, volumes
+from PSCVSegmentLib import cohort, environment, pointlists, results, tasks
 
 pytest.importorskip("torch")
 
@@ -48,12 +48,8 @@ def local_client(tmp_path, python=sys.executable):
 
 
 def segment_task(app, volume, nodes, client, tmp_path, **settings):
-    work = tasks.newWorkDirectory(tmp_path / "root", "segment")
-    inputs = volumes.writeJobInputs(os.path.join(work, "inputs"), volume, nodes)
-    classes = pointlists.classesFromPointLists(nodes)
-    submit = dict(inputs, settings={**TINY_SETTINGS, **settings})
-    return tasks.Task("segment", client, submit, work, scene=app.scene, volumeNode=volume, classes=classes,
-                      description="segment tiny")
+    return tasks.createTask(app.scene, "segment", client, tmp_path / "root", volume, nodes,
+                            settings={**TINY_SETTINGS, **settings})
 
 
 def poll_until(task, states, timeout=300):
@@ -203,3 +199,44 @@ def test_stale_work_folders_of_earlier_sessions_are_removed(tmp_path):
     removed = tasks.removeStaleWorkDirectories(root)
     assert sorted(removed) == sorted([old, str(root / tasks.JOBS_FOLDER / "abc")])
     assert os.path.isdir(fresh) and os.path.isdir(root / tasks.LOGS_FOLDER)
+
+
+def test_predict_finetune_and_train_jobs_are_made_from_the_scene(tmp_path):
+    """The other kinds the module starts, through the same path: a model from a segment job is applied
+    (predict) and fine-tuned; a dataset folder made with "Add volume to dataset" is trained on, the model
+    landing beside it."""
+    app, volume, nodes = scene_with_points()
+    client = local_client(tmp_path)
+    first = segment_task(app, volume, nodes, client, tmp_path).start()
+    poll_until(first, (tasks.READY, tasks.FAILED))
+    segmentation = first.finish()
+    model = first.modelDirectory
+
+    with pytest.raises(results.SegmentsExistError):
+        tasks.createTask(app.scene, "finetune", client, tmp_path / "root", volume, nodes, segmentationNode=segmentation,
+                         modelDirectory=model)
+    for kind in ("predict", "finetune"):
+        points = nodes if kind == "finetune" else None
+        settings = {"device": "cpu"} if kind == "predict" else {**TINY_SETTINGS}
+        task = tasks.createTask(app.scene, kind, client, tmp_path / "root", volume, points,
+                                segmentationNode=segmentation, replace=True, modelDirectory=model, settings=settings)
+        poll_until(task.start(), (tasks.READY, tasks.FAILED))
+        assert task.state == tasks.READY, task.logText()
+        assert task.finish() is segmentation
+        assert results.segmentNames(segmentation) == ["liver", "kidney"]
+        task.removeWorkDirectory()
+
+    dataset = tmp_path / "dataset"
+    cohort.addCase(dataset, volume, nodes)
+    train = tasks.createTask(app.scene, "train", client, tmp_path / "root", datasetDirectory=dataset,
+                             settings={**TINY_SETTINGS, "method": "pce"})
+    poll_until(train.start(), (tasks.READY, tasks.FAILED))
+    assert train.state == tasks.READY, train.logText()
+    assert train.finish() is None and train.state == tasks.FINISHED
+    assert os.path.isfile(os.path.join(train.modelDirectory, "model.json"))
+    assert os.path.dirname(train.modelDirectory) == str(tmp_path)
+    assert not os.path.exists(train.workDirectory)
+    with pytest.raises(ValueError, match="model folder"):
+        tasks.createTask(app.scene, "predict", client, tmp_path / "root", volume, modelDirectory=tmp_path / "none")
+    with pytest.raises(NotImplementedError, match="cannot suggest"):
+        tasks.createTask(app.scene, "segment", client, tmp_path / "root", volume, nodes, suggest=5)

@@ -308,6 +308,63 @@ class Task:
         return self.message
 
 
+def createTask(scene, kind, client, root, volumeNode=None, pointListNodes=None, classes=None, segmentationNode=None,
+               settings=None, modelDirectory=None, replace=False, datasetDirectory=None, strokesSegmentation=None,
+               suggest=0) -> Task:
+    """A Task (not started) with its inputs written into a new work folder under ``root``.
+
+    kind "segment" (train on the points, segment the volume), "predict" (apply ``modelDirectory``),
+    "finetune" (train ``modelDirectory`` further on the points) or "train" (one model on ``datasetDirectory``,
+    saved beside it). ``strokesSegmentation`` and ``suggest`` are issue 9's interactive inputs: they raise
+    NotImplementedError until the engine has them (``interactive.engineFeatures``).
+    """
+    from . import cohort, interactive, pointlists, results, volumes
+
+    if kind not in ("segment", "predict", "finetune", "train"):
+        raise ValueError(f"Unknown job kind '{kind}'.")
+    if kind in ("predict", "finetune") and not (modelDirectory and os.path.isdir(modelDirectory)):
+        raise ValueError("Choose a model folder first (Model section).")
+    if kind in ("segment", "finetune") and not pointListNodes:
+        raise ValueError("Add classes and place points first.")
+    if kind == "train" and not (datasetDirectory and os.path.isdir(datasetDirectory)):
+        raise ValueError("Choose a dataset folder first (Cohort section).")
+    if kind != "train" and volumeNode is None:
+        raise ValueError("Select an input volume.")
+    if pointListNodes is not None and classes is None:
+        classes = pointlists.classesFromPointLists(pointListNodes)
+    if segmentationNode is not None and classes is not None and not replace:
+        existing = results.segmentsToReplace(segmentationNode, classes)
+        if existing:
+            raise results.SegmentsExistError(segmentationNode, existing)
+    workDirectory = newWorkDirectory(root, kind)
+    try:
+        submit = {"settings": dict(settings or engine.job_settings())}
+        if kind == "train":
+            submit["dataset"] = str(datasetDirectory)
+            description = f"train a model on {datasetDirectory}"
+        else:
+            submit.update(volumes.writeJobInputs(os.path.join(workDirectory, "inputs"), volumeNode,
+                                                 pointListNodes if kind != "predict" else None, classes))
+            description = f"{kind} '{volumeNode.GetName()}'"
+        if kind in ("predict", "finetune"):
+            submit["model"] = str(modelDirectory)
+        if strokesSegmentation is not None or suggest:
+            strokesFile = None
+            if strokesSegmentation is not None:
+                strokesFile = interactive.writeStrokes(strokesSegmentation, classes,
+                                                       os.path.join(workDirectory, "inputs", "strokes.seg.nrrd"))
+            extras, extraSettings = interactive.submitExtras(interactive.engineFeatures(), None, strokesFile, suggest)
+            submit.update(extras)
+            submit["settings"].update(extraSettings)
+    except Exception:
+        shutil.rmtree(workDirectory, ignore_errors=True)
+        raise
+    modelDestination = cohort.trainedModelDirectory(datasetDirectory) if kind == "train" else None
+    return Task(kind, client, submit, workDirectory, scene=scene, volumeNode=volumeNode, classes=classes,
+                segmentationNode=segmentationNode, replace=replace, modelDestination=modelDestination,
+                description=description)
+
+
 def _unlink(path):
     try:
         os.unlink(path)
