@@ -1161,110 +1161,123 @@ class PSCVSegmentTest(ScriptedLoadableModuleTest):
         segments are replaced after confirming, while a segment of the user's own survives."""
         import tempfile
 
-        import numpy as np
-
         self.delayDisplay("The module's widget, as a user drives it")
-        logic = PSCVSegmentLogic()
-        self.requireWorker(logic)
+        self.requireWorker(PSCVSegmentLogic())
         slicer.util.selectModule("PSCVSegment")
         widget = slicer.modules.PSCVSegmentWidget
         widget.connectionOverride = self.testConnection()  # never the settings of this computer
-        confirmations = []
-        widget.confirm = lambda text: confirmations.append(text) or True
-        outputFolder = tempfile.mkdtemp(prefix="PSCVSegmentTest-")
-        savePaths = []
-        widget.askSavePath = lambda title, name, filters: savePaths.append(os.path.join(outputFolder, name)) or \
-            savePaths[-1]
-        widget.askDirectory = lambda title: os.path.join(outputFolder, "saved-model")
+        self.confirmations, self.savePaths = [], []
+        widget.confirm = lambda text: self.confirmations.append(text) or True
+        self.outputFolder = tempfile.mkdtemp(prefix="PSCVSegmentTest-")
+        widget.askSavePath = lambda title, name, filters: self._savePath(name)
+        widget.askDirectory = lambda title: os.path.join(self.outputFolder, "saved-model")
         try:
-            ijkToRas = np.diag([1.0, 1.0, 2.0, 1.0])
-            volumeNode, labels = self._syntheticVolume(ijkToRas)
-            widget.initializeParameterNode()
-            p = widget._parameterNode
-            p.inputVolume = volumeNode
-            p.iterations = 60
-            self.assertFalse(widget.ui.segmentButton.enabled)
-
-            widget.ui.addClassButton.click()  # background and organ 1
-            widget.ui.addClassButton.click()  # organ 2
-            nodes = widget._classNodes()
-            self.assertEqual([n.GetName() for n in nodes], ["background", "organ 1", "organ 2"])
-            widget.ui.classesTable.item(1, 0).setText("ball")  # rename in the table
-            widget.ui.classesTable.item(2, 0).setText("box")
-            self.assertEqual([n.GetName() for n in nodes], ["background", "ball", "box"])
-            self.assertTrue(widget.selectClass(1, place=True))  # key "2"
-            interaction = slicer.app.applicationLogic().GetInteractionNode()
-            self.assertEqual(interaction.GetCurrentInteractionMode(), interaction.Place)
-            interaction.SwitchToViewTransformMode()
-            clicks = self._clickVoxels(labels, np.random.default_rng(2))
-            for value, node in enumerate(nodes):
-                self._placePoints(node, clicks[value], ijkToRas)
-            self.assertEqual(widget.ui.classesTable.item(1, 2).text(), str(len(clicks[1])))
-            self.assertTrue(widget.ui.segmentButton.enabled, widget.ui.segmentButton.toolTip)
-
-            # Segment, followed by the poll timer to the end.
-            widget.ui.segmentButton.click()
-            self.assertEqual(widget.ui.segmentButton.text, "Cancel")
-            self._waitForWidget(widget)
-            segmentationNode = p.outputSegmentation
-            self.assertIsNotNone(segmentationNode, widget.ui.statusLabel.text)
-            self.assertEqual(results.segmentNames(segmentationNode), ["ball", "box"])
-            self.assertIn("Training", widget.ui.logTextEdit.toPlainText())
-            self.assertTrue(widget.ui.exportSegNrrdButton.enabled)
-
-            # Exports: .seg.nrrd here; DICOM-SEG needs a volume from the DICOM database (pytest covers the
-            # writer on a real series), so its button must stay off for this volume.
-            widget.ui.exportSegNrrdButton.click()
-            self.assertTrue(os.path.isfile(savePaths[-1]), savePaths)
-            self.assertFalse(widget.ui.exportDicomSegButton.enabled)
-            widget.ui.show3DButton.click()
-            self.assertTrue(results.is3DShown(segmentationNode))
-
-            # Save the model, Apply it, Fine-tune it.
-            widget.ui.saveModelButton.click()
-            self.assertTrue(os.path.isfile(os.path.join(outputFolder, "saved-model", "model.json")))
-            self.assertEqual(p.modelDirectory, os.path.join(outputFolder, "saved-model"))
-            p.outputSegmentation = None
-            widget.ui.applyModelButton.click()
-            self._waitForWidget(widget)
-            applied = p.outputSegmentation
-            self.assertIsNotNone(applied)
-            self.assertIsNot(applied, segmentationNode)
-            widget.ui.finetuneModelButton.click()  # into the applied segmentation: replaces after asking
-            self._waitForWidget(widget)
-            self.assertTrue(any("Replace" in text for text in confirmations))
-            self.assertEqual(sorted(results.segmentNames(applied)), ["ball", "box"])
-
-            # Cancel a running job: nothing is imported.
-            count = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
-            p.outputSegmentation = None
-            p.iterations = 100000
-            widget.ui.segmentButton.click()
-            self._waitForWidget(widget, until=lambda: widget._task is None or any(
-                e.get("stage") == "train" for e in widget._task.events))
-            widget.ui.segmentButton.click()  # Cancel
-            self._waitForWidget(widget)
-            self.assertIn("Cancelled", widget.ui.statusLabel.text)
-            self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), count)
-
-            # Replace: the user's own segment survives, the class segments are replaced after confirming.
-            p.iterations = 60
-            p.outputSegmentation = segmentationNode
-            own = segmentationNode.GetSegmentation().AddEmptySegment("", "my lesion")
-            confirmations.clear()
-            widget.ui.segmentButton.click()
-            self.assertTrue(confirmations and "Replace" in confirmations[0])
-            self._waitForWidget(widget)
-            self.assertEqual(results.segmentNames(segmentationNode), ["my lesion", "ball", "box"])
-            self.assertIsNotNone(segmentationNode.GetSegmentation().GetSegment(own))
-            jobsFolder = os.path.join(widget.logic.temporaryRoot, tasks.JOBS_FOLDER)
-            self.assertEqual(os.listdir(jobsFolder) if os.path.isdir(jobsFolder) else [], [])  # job folders removed
+            self._widgetClassesAndPoints(widget)
+            segmentationNode = self._widgetSegmentAndExport(widget)
+            self._widgetModels(widget, segmentationNode)
+            self._widgetCancel(widget)
+            self._widgetReplace(widget, segmentationNode)
             self.delayDisplay("Widget path passed")
         finally:
             if widget._task is not None:
                 widget._task.cancel()
             widget.connectionOverride = None
-            shutil.rmtree(outputFolder, ignore_errors=True)
+            shutil.rmtree(self.outputFolder, ignore_errors=True)
+
+    def _savePath(self, name):
+        self.savePaths.append(os.path.join(self.outputFolder, name))
+        return self.savePaths[-1]
+
+    def _widgetClassesAndPoints(self, widget):
+        import numpy as np
+
+        self.ijkToRas = np.diag([1.0, 1.0, 2.0, 1.0])
+        volumeNode, labels = self._syntheticVolume(self.ijkToRas)
+        widget.initializeParameterNode()
+        p = widget._parameterNode
+        p.inputVolume = volumeNode
+        p.iterations = 60
+        self.assertFalse(widget.ui.segmentButton.enabled)
+        widget.ui.addClassButton.click()  # background and organ 1
+        widget.ui.addClassButton.click()  # organ 2
+        nodes = widget._classNodes()
+        self.assertEqual([n.GetName() for n in nodes], ["background", "organ 1", "organ 2"])
+        widget.ui.classesTable.item(1, 0).setText("ball")  # rename in the table
+        widget.ui.classesTable.item(2, 0).setText("box")
+        self.assertEqual([n.GetName() for n in nodes], ["background", "ball", "box"])
+        self.assertTrue(widget.selectClass(1, place=True))  # what key "2" does
+        interaction = slicer.app.applicationLogic().GetInteractionNode()
+        self.assertEqual(interaction.GetCurrentInteractionMode(), interaction.Place)
+        interaction.SwitchToViewTransformMode()
+        clicks = self._clickVoxels(labels, np.random.default_rng(2))
+        for value, node in enumerate(nodes):
+            self._placePoints(node, clicks[value], self.ijkToRas)
+        self.assertEqual(widget.ui.classesTable.item(1, 2).text(), str(len(clicks[1])))
+        self.assertTrue(widget.ui.segmentButton.enabled, widget.ui.segmentButton.toolTip)
+        return volumeNode, labels
+
+    def _widgetSegmentAndExport(self, widget):
+        p = widget._parameterNode
+        widget.ui.segmentButton.click()
+        self.assertEqual(widget.ui.segmentButton.text, "Cancel")
+        self._waitForWidget(widget)  # the poll timer follows the job to its end and imports the result
+        segmentationNode = p.outputSegmentation
+        self.assertIsNotNone(segmentationNode, widget.ui.statusLabel.text)
+        self.assertEqual(results.segmentNames(segmentationNode), ["ball", "box"])
+        self.assertIn("Training", widget.ui.logTextEdit.toPlainText())
+        self.assertTrue(widget.ui.exportSegNrrdButton.enabled)
+        widget.ui.exportSegNrrdButton.click()
+        self.assertTrue(os.path.isfile(self.savePaths[-1]), self.savePaths)
+        # DICOM-SEG needs a volume from the DICOM database (pytest covers the writer on a real series): its
+        # button must stay off for this one.
+        self.assertFalse(widget.ui.exportDicomSegButton.enabled)
+        widget.ui.show3DButton.click()
+        self.assertTrue(results.is3DShown(segmentationNode))
+        return segmentationNode
+
+    def _widgetModels(self, widget, segmentationNode):
+        p = widget._parameterNode
+        widget.ui.saveModelButton.click()
+        saved = os.path.join(self.outputFolder, "saved-model")
+        self.assertTrue(os.path.isfile(os.path.join(saved, "model.json")))
+        self.assertEqual(p.modelDirectory, saved)
+        p.outputSegmentation = None
+        widget.ui.applyModelButton.click()
+        self._waitForWidget(widget)
+        applied = p.outputSegmentation
+        self.assertIsNotNone(applied)
+        self.assertIsNot(applied, segmentationNode)
+        widget.ui.finetuneModelButton.click()  # into the applied segmentation: replaces after asking
+        self._waitForWidget(widget)
+        self.assertTrue(any("Replace" in text for text in self.confirmations))
+        self.assertEqual(sorted(results.segmentNames(applied)), ["ball", "box"])
+
+    def _widgetCancel(self, widget):
+        p = widget._parameterNode
+        count = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+        p.outputSegmentation = None
+        p.iterations = 100000
+        widget.ui.segmentButton.click()
+        self._waitForWidget(widget, until=lambda: widget._task is None or any(
+            e.get("stage") == "train" for e in widget._task.events))
+        widget.ui.segmentButton.click()  # Cancel
+        self._waitForWidget(widget)
+        self.assertIn("Cancelled", widget.ui.statusLabel.text)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), count)
+
+    def _widgetReplace(self, widget, segmentationNode):
+        p = widget._parameterNode
+        p.iterations = 60
+        p.outputSegmentation = segmentationNode
+        own = segmentationNode.GetSegmentation().AddEmptySegment("", "my lesion")
+        self.confirmations.clear()
+        widget.ui.segmentButton.click()
+        self.assertTrue(self.confirmations and "Replace" in self.confirmations[0])
+        self._waitForWidget(widget)
+        self.assertEqual(results.segmentNames(segmentationNode), ["my lesion", "ball", "box"])
+        self.assertIsNotNone(segmentationNode.GetSegmentation().GetSegment(own))
+        jobsFolder = os.path.join(widget.logic.temporaryRoot, tasks.JOBS_FOLDER)
+        self.assertEqual(os.listdir(jobsFolder) if os.path.isdir(jobsFolder) else [], [])  # job folders removed
 
     def _waitForWidget(self, widget, until=None, timeout=1800):
         """Let the poll timer run (events processed) until the job is over, or ``until()`` holds."""

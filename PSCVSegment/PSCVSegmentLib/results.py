@@ -128,54 +128,24 @@ def importResult(scene, resultPath, volumeNode, segmentationNode=None, classes=N
     name) when given, else from the file. An existing segment with a result's name is replaced only with
     ``replace``, else SegmentsExistError; the target's other segments are never touched, nor moved.
     """
-    if volumeNode is None or volumeNode.GetScene() is not scene:
-        raise ResultImportError("The input volume is not in this scene any more; the result was not imported.")
-    if segmentationNode is not None:
-        if segmentationNode.GetScene() is not scene:
-            raise ResultImportError("The output segmentation is not in this scene any more; the result was not "
-                                    "imported.")
-        source = segmentationNode.GetSegmentation().GetSourceRepresentationName()
-        if segmentationNode.GetSegmentation().GetNumberOfSegments() and source != BINARY_LABELMAP:
-            raise ResultImportError(
-                f"Segmentation '{segmentationNode.GetName()}' is edited as '{source}', not as a binary labelmap; "
-                "choose another output segmentation (or none, to create a new one).")
-
-    byName = {info.name.lower(): info for info in classes or []}
-    # The background makes no segment: the class with value 0, or (a file without classes) one named so.
-    backgroundNames = {info.name.lower() for info in classes if info.value == 0} if classes else {"background"}
-    resultNode = readSegmentationFile(scene, resultPath)
-    try:
-        layers = _resultLayers(resultNode, backgroundNames)
-        result = resultNode.GetSegmentation()
-        fromFile = {segmentId: (result.GetSegment(segmentId).GetColor(),
-                                terminology.segmentTerminology(result.GetSegment(segmentId)))
-                    for _, wanted in layers for _, _, segmentId in wanted}
-    finally:
-        scene.RemoveNode(resultNode)
-    names = [name for _, wanted in layers for _, name, _ in wanted]
-    if not names:
-        raise ResultImportError(f"The result {os.fspath(resultPath)} holds no segment to import.")
-    if len({name.lower() for name in names}) != len(names):
-        raise ResultImportError(f"The result has several segments named alike ({', '.join(names)}).")
+    _checkTarget(scene, volumeNode, segmentationNode)
+    layers = _readLayers(scene, resultPath, classes)
+    names = [segment["name"] for _, segments in layers for segment in segments]
     existing = segmentsToReplace(segmentationNode, names) if segmentationNode is not None else []
     if existing and not replace:
         raise SegmentsExistError(segmentationNode, existing)
-
     # Into the target's frame: its parent transform, which may not be the volume's (its segments stay put).
     targetTransformNode = (segmentationNode.GetParentTransformNode() if segmentationNode is not None
                            else volumeNode.GetParentTransformNode())
     toTarget = _volumeToTargetTransform(volumeNode, targetTransformNode)
-    for labelmap, wanted in layers:
+    for labelmap, _ in layers:
         if toTarget is not None:
             slicer.vtkOrientedImageDataResample.TransformOrientedImage(labelmap, toTarget)
         if slicer.vtkOrientedImageDataResample.IsImageScalarTypeValid(labelmap) == \
                 slicer.vtkOrientedImageDataResample.TYPE_ERROR:
             raise ResultImportError("The result's labelmap has a voxel type that segments cannot hold.")
-        if any(value < 1 for value, _, _ in wanted):
-            raise ResultImportError("The result has a segment without a label value.")
 
-    # Everything is ready: only now is the target changed. New segments first; the replaced ones are removed
-    # only once all new ones are in, so a failure leaves the target as it was.
+    # Everything is ready: only now is the target changed.
     if segmentationNode is None:
         segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
                                                    newName or f"{volumeNode.GetName()} segmentation")
@@ -185,38 +155,89 @@ def importResult(scene, resultPath, volumeNode, segmentationNode=None, classes=N
         placeInStudy(scene, segmentationNode, volumeNode)
     elif not segmentationNode.GetNodeReference(segmentationNode.GetReferenceImageGeometryReferenceRole()):
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+    _addLayers(segmentationNode, layers, existing)
+    return segmentationNode
+
+
+def _checkTarget(scene, volumeNode, segmentationNode):
+    if volumeNode is None or volumeNode.GetScene() is not scene:
+        raise ResultImportError("The input volume is not in this scene any more; the result was not imported.")
+    if segmentationNode is None:
+        return
+    if segmentationNode.GetScene() is not scene:
+        raise ResultImportError("The output segmentation is not in this scene any more; the result was not "
+                                "imported.")
+    source = segmentationNode.GetSegmentation().GetSourceRepresentationName()
+    if segmentationNode.GetSegmentation().GetNumberOfSegments() and source != BINARY_LABELMAP:
+        raise ResultImportError(
+            f"Segmentation '{segmentationNode.GetName()}' is edited as '{source}', not as a binary labelmap; "
+            "choose another output segmentation (or none, to create a new one).")
+
+
+def _readLayers(scene, resultPath, classes):
+    """[(labelmap, [{"value", "name", "color", "terminology"}])] of the result file, per shared layer, in the
+    volume's frame; names, colours (0..1) and terminology entries as they will be set."""
+    byName = {info.name.lower(): info for info in classes or []}
+    # The background makes no segment: the class with value 0, or (a file without classes) one named so.
+    backgroundNames = {info.name.lower() for info in classes if info.value == 0} if classes else {"background"}
+    resultNode = readSegmentationFile(scene, resultPath)
+    try:
+        result = resultNode.GetSegmentation()
+        layers = []
+        for labelmap, wanted in _resultLayers(resultNode, backgroundNames):
+            segments = []
+            for value, name, segmentId in wanted:
+                info = byName.get(name.lower())
+                entry = terminology.segmentTerminology(result.GetSegment(segmentId))
+                if info is not None and info.terminology:
+                    entry = terminology.serialize(info.terminology)
+                color = [c / 255 for c in info.color] if info is not None else result.GetSegment(segmentId).GetColor()
+                segments.append({"value": value, "name": name, "color": tuple(color),
+                                 "terminology": entry or terminology.serialize(None)})
+            layers.append((labelmap, segments))
+    finally:
+        scene.RemoveNode(resultNode)
+    names = [segment["name"] for _, segments in layers for segment in segments]
+    if not names:
+        raise ResultImportError(f"The result {os.fspath(resultPath)} holds no segment to import.")
+    if len({name.lower() for name in names}) != len(names):
+        raise ResultImportError(f"The result has several segments named alike ({', '.join(names)}).")
+    if any(segment["value"] < 1 for _, segments in layers for segment in segments):
+        raise ResultImportError("The result has a segment without a label value.")
+    return layers
+
+
+def _addLayers(segmentationNode, layers, replacedNames):
+    """Add the new segments (layers shared, label values kept), then remove the replaced ones; if adding fails,
+    remove what was added, so that the segmentation is as it was."""
     target = segmentationNode.GetSegmentation()
     if not target.GetNumberOfSegments():
         target.SetSourceRepresentationName(BINARY_LABELMAP)
-    replacedIds = [target.GetSegmentIdBySegmentName(name) for name in existing]
+    replacedIds = [target.GetSegmentIdBySegmentName(name) for name in replacedNames]
     added = []
     wasModifying = segmentationNode.StartModify()
     try:
-        for labelmap, wanted in layers:
+        for labelmap, segments in layers:
             ids = vtk.vtkStringArray()
-            ids.SetNumberOfValues(max(value for value, _, _ in wanted))
+            ids.SetNumberOfValues(max(segment["value"] for segment in segments))
             for index in range(ids.GetNumberOfValues()):
-                ids.SetValue(index, "")
+                ids.SetValue(index, "")  # label values without a wanted segment (background, gaps)
             layerIds = []
-            for value, name, _ in wanted:
-                newId = target.GenerateUniqueSegmentID(name)
+            for segment in segments:
+                newId = target.GenerateUniqueSegmentID(segment["name"])
                 while newId in added or newId in layerIds:
                     newId = target.GenerateUniqueSegmentID(newId + "_")
-                ids.SetValue(value - 1, newId)
+                ids.SetValue(segment["value"] - 1, newId)
                 layerIds.append(newId)
             if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
                     labelmap, segmentationNode, ids, None):
                 raise ResultImportError(f"The result could not be added to '{segmentationNode.GetName()}'.")
             added.extend(layerIds)
-            for (_, name, sourceId), newId in zip(wanted, layerIds):
-                segment = target.GetSegment(newId)
-                info = byName.get(name.lower())
-                color, entry = fromFile[sourceId]
-                segment.SetName(name)
-                segment.SetColor(*([c / 255 for c in info.color] if info is not None else color))
-                if info is not None and info.terminology:
-                    entry = terminology.serialize(info.terminology)
-                terminology.setSegmentTerminology(segment, entry or terminology.serialize(None))
+            for segment, newId in zip(segments, layerIds):
+                newSegment = target.GetSegment(newId)
+                newSegment.SetName(segment["name"])
+                newSegment.SetColor(*segment["color"])
+                terminology.setSegmentTerminology(newSegment, segment["terminology"])
         for segmentId in replacedIds:
             target.RemoveSegment(segmentId)
     except Exception:
@@ -226,7 +247,6 @@ def importResult(scene, resultPath, volumeNode, segmentationNode=None, classes=N
         raise
     finally:
         segmentationNode.EndModify(wasModifying)
-    return segmentationNode
 
 
 def placeInStudy(scene, node, volumeNode) -> None:
