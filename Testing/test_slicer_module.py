@@ -392,6 +392,18 @@ def test_icons_are_128_pixel_pngs(path):
     assert png_size(ROOT / path) == (128, 128)
 
 
+def test_screenshots_and_icon_urls_name_files_of_this_repository():
+    """The catalog shows EXTENSION_SCREENSHOTURLS and EXTENSION_ICONURL from the repository's main branch: each
+    must be a file that exists here (a PNG), so that it exists there once merged."""
+    meta = extension_metadata()
+    urls = meta["EXTENSION_SCREENSHOTURLS"].split() + [meta["EXTENSION_ICONURL"]]
+    assert len(urls) >= 2, "no screenshot"
+    for url in urls:
+        prefix = "https://raw.githubusercontent.com/PSCVSegment/PSCVSegment/main/"
+        assert url.startswith(prefix), url
+        png_size(ROOT / url[len(prefix):])
+
+
 def test_license_is_apache_2_like_the_package():
     assert "Apache License" in (ROOT / "LICENSE").read_text() and "Version 2.0" in (ROOT / "LICENSE").read_text()
     assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text()
