@@ -40,8 +40,8 @@ def main():
     from slicer_scene import SlicerScene
     from vtk.util import numpy_support
 
-    from pscv import geometry
-    from pscv.volumes import read_image
+    from pscv.data import geometry
+    from pscv.data.volumes import read_image
     from PSCVSegmentLib import engine, environment, export, pointlists, results, sampledata, tasks, volumes
 
     files = sampledata.sampleFiles(MODULE_DIR)

@@ -1,4 +1,4 @@
-"""The cohort workflow's dataset folder (the engine's layout, ``pscv.dataset``):
+"""The cohort workflow's dataset folder (the engine's layout, ``pscv.data.dataset``):
 
 ```
 DATASET/classes.json

@@ -3,7 +3,7 @@
 Slicer stores a segment's terminology as one string (the ``TerminologyEntry`` tag):
 ``context~category~type~typeModifier~regionContext~region~regionModifier``, each code ``scheme^value^meaning``
 (``vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry``, the same in Slicer 5.8 and 5.13). The engine
-(``pscv.classes.ClassInfo.terminology``, classes.json) uses slicerio's dict form: ``{"category": [scheme, value,
+(``pscv.data.classes.ClassInfo.terminology``, classes.json) uses slicerio's dict form: ``{"category": [scheme, value,
 meaning], "type": [...], "typeModifier"?, "anatomicRegion"?, "anatomicRegionModifier"?, "contextName"?,
 "anatomicContextName"?}``. A class without terminology is coded as the engine does: SCT "Tissue".
 """
