@@ -153,13 +153,6 @@ class PSCVSegmentParameterNode:
 
 
 class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    POINT_LIST_EVENTS = (
-        vtkMRMLMarkupsFiducialNode.PointPositionDefinedEvent,
-        vtkMRMLMarkupsFiducialNode.PointRemovedEvent,
-        vtkMRMLMarkupsFiducialNode.DisplayModifiedEvent,  # its colour, changed in the Markups module
-        vtk.vtkCommand.ModifiedEvent,
-    )
-
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
@@ -317,11 +310,12 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Keep the export and Show 3D buttons in step with the output segmentation's segments."""
         if node is self._observedSegmentation:
             return
-        if self._observedSegmentation is not None:
-            self.removeObserver(self._observedSegmentation, vtk.vtkCommand.ModifiedEvent, self.onSegmentationModified)
+        for event in results.segmentationEvents():
+            if self._observedSegmentation is not None:
+                self.removeObserver(self._observedSegmentation, event, self.onSegmentationModified)
+            if node is not None:
+                self.addObserver(node, event, self.onSegmentationModified)
         self._observedSegmentation = node
-        if node is not None:
-            self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self.onSegmentationModified)
 
     def onSegmentationModified(self, caller=None, event=None):
         self.updateButtons()
@@ -335,10 +329,10 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _setPointListObservers(self, nodes):
         for node in self._observedPointLists:
-            for event in self.POINT_LIST_EVENTS:
+            for event in pointlists.pointListEvents():
                 self.removeObserver(node, event, self.onPointListModified)
         for node in nodes:
-            for event in self.POINT_LIST_EVENTS:
+            for event in pointlists.pointListEvents():
                 self.addObserver(node, event, self.onPointListModified)
         self._observedPointLists = list(nodes)
 

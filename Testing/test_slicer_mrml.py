@@ -220,6 +220,20 @@ def test_class_point_lists_carry_name_colour_and_terminology(app):
     assert pointlists.segmentProblems(None, nodes) == ["Select an input volume.", "Place points on: background, liver."]
 
 
+def test_the_point_list_events_the_table_observes_fire(app):
+    """The class table's counts, names and colour buttons follow the point lists (colour buttons went stale:
+    a colour changed in the Markups module fires only DisplayModifiedEvent on the list)."""
+    node = pointlists.addClassPointList(app.scene, "liver", 1)
+    seen = []
+    for event in pointlists.pointListEvents():
+        node.AddObserver(event, lambda caller, name, event=event: seen.append(event))
+    for change in (lambda: node.GetDisplayNode().SetSelectedColor(1, 0, 0), lambda: node.AddControlPointWorld(1, 2, 3),
+                   lambda: node.SetName("spleen"), lambda: node.RemoveNthControlPoint(0)):
+        seen.clear()
+        change()
+        assert seen
+
+
 def test_start_placing_selects_the_class_list_in_the_singletons(app):
     node = pointlists.addClassPointList(app.scene, "liver", 1)
     assert pointlists.startPlacing(app.scene, node)
@@ -376,6 +390,25 @@ def test_show_3d_makes_closed_surfaces(app, tmp_path):
     assert surface.GetNumberOfPoints() > 0
     results.show3D(node, False)
     assert not results.is3DShown(node)
+
+
+def test_the_segmentation_events_the_widget_observes_fire(app, tmp_path):
+    """The export and Show 3D buttons follow the output segmentation (issue 11: they went stale): the events the
+    widget observes fire when segments are added or removed and when surfaces are made."""
+    image, labels = synthetic()
+    volume = app.addVolume(image, np.eye(4))
+    node = results.importResult(app.scene, str(write_result(tmp_path / "r.seg.nrrd", labels, np.eye(4))), volume)
+    seen = []
+    for event in results.segmentationEvents():
+        node.AddObserver(event, lambda caller, name, event=event: seen.append(event))
+    segment_id = node.GetSegmentation().AddEmptySegment("", "lesion")
+    assert seen, "adding a segment fired none of the observed events"
+    seen.clear()
+    node.GetSegmentation().RemoveSegment(segment_id)
+    assert seen, "removing a segment fired none of the observed events"
+    seen.clear()
+    results.show3D(node)
+    assert seen, "making surfaces fired none of the observed events"
 
 
 # --- export ---------------------------------------------------------------------------------------------------------

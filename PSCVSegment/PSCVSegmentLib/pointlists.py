@@ -18,6 +18,16 @@ BACKGROUND_COLOR = (0.6, 0.6, 0.6)
 TERMINOLOGY_ATTRIBUTE = "PSCVSegment.Terminology"  # Slicer's serialized terminology entry of the class
 
 
+def pointListEvents():
+    """The events a class point list invokes when a point is placed or removed, when it is renamed, and when
+    its colour changes elsewhere (Markups module: only DisplayModifiedEvent): what the class table observes."""
+    import vtk
+
+    node = slicer.vtkMRMLMarkupsFiducialNode
+    return (node.PointPositionDefinedEvent, node.PointRemovedEvent, node.DisplayModifiedEvent,
+            vtk.vtkCommand.ModifiedEvent)
+
+
 def classColor(value):
     """The default colour (r, g, b in 0..1) of class ``value``: grey for the background, else the engine's."""
     if value == 0:

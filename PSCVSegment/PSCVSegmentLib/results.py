@@ -25,6 +25,15 @@ BINARY_LABELMAP = "Binary labelmap"
 CLOSED_SURFACE = "Closed surface"
 
 
+def segmentationEvents():
+    """The events a segmentation node invokes when its segments come and go, when surfaces are made or dropped
+    (Show 3D) or its display changes: what the module observes so that its export and Show 3D buttons never
+    go stale. (Adding a segment does not invoke ModifiedEvent on the node.)"""
+    return (slicer.vtkSegmentation.SegmentAdded, slicer.vtkSegmentation.SegmentRemoved,
+            slicer.vtkSegmentation.ContainedRepresentationNamesModified,
+            slicer.vtkMRMLDisplayableNode.DisplayModifiedEvent, vtk.vtkCommand.ModifiedEvent)
+
+
 class SegmentsExistError(RuntimeError):
     """The target segmentation already has segments the result would replace; pass replace=True."""
 
