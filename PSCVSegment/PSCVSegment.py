@@ -166,6 +166,7 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer = None
         self._shortcuts = []
         self._shownLog = None
+        self._datasetSummary = None
         # The self-test replaces these, so that it never depends on this computer's settings or on a person.
         self.connectionOverride = None
         self.confirm = lambda text: slicer.util.confirmOkCancelDisplay(text, "PSCV Segment")
@@ -302,8 +303,8 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onParameterNodeModified(self, caller=None, event=None):
         self._observeSegmentation(self._parameterNode.outputSegmentation if self._parameterNode else None)
-        self.updateClassesTable()
         self.updateDatasetStatus()
+        self.updateClassesTable()
         self.updateButtons()
 
     def _observeSegmentation(self, node):
@@ -490,7 +491,7 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.finetuneModelButton.enabled = hasModel and not problems and not running
         dataset = p.datasetDirectory if p else ""
         self.ui.addCaseButton.enabled = bool(dataset) and volume is not None and len(nodes) >= 2 and not running
-        summary = cohort.summary(dataset) if dataset and os.path.isdir(dataset) else None
+        summary = self._datasetSummary  # read in updateDatasetStatus, not at every point placed
         self.ui.trainModelButton.enabled = bool(summary and summary["withPoints"]) and not running
         self.ui.terminologyButton.enabled = 0 <= self.ui.classesTable.currentRow() < len(nodes)
         for widget in (self.ui.addClassButton, self.ui.removeClassButton, self.ui.installDependenciesButton,
@@ -499,7 +500,12 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updateDatasetStatus(self):
         dataset = self._parameterNode.datasetDirectory if self._parameterNode else ""
-        summary = cohort.summary(dataset) if dataset and os.path.isdir(dataset) else None
+        try:
+            summary = cohort.summary(dataset) if dataset and os.path.isdir(dataset) else None
+        except Exception as error:  # a damaged classes.json: say so instead of failing every update
+            summary = None
+            logging.warning(f"PSCVSegment: dataset folder {dataset}: {error}")
+        self._datasetSummary = summary
         if not dataset:
             text = "Choose a folder to collect volumes and their points in."
         elif summary is None:
