@@ -29,7 +29,7 @@ def pscv(*args, check=True):
 
 def test_help_for_every_command():
     listing = pscv("--help").stdout
-    for command in ("segment", "train", "predict", "evaluate", "prepare-acdc", "bench"):
+    for command in ("segment", "train", "predict", "evaluate", "prepare", "prepare-acdc", "bench"):
         assert command in listing
         assert "usage: pscv " + command in pscv(command, "--help").stdout
 
@@ -74,6 +74,19 @@ def test_train_predict_evaluate_on_a_dataset_folder(tmp_path):
     scores = pscv("evaluate", tmp_path / "predictions", dataset / "labels").stdout
     mean_dice = float(next(line.split()[1] for line in scores.splitlines() if line.startswith("mean")))
     assert 0 <= mean_dice < 1
+
+
+def test_prepare_a_labelled_folder_then_train_and_validate_on_it(tmp_path):
+    cmr = Path(__file__).parent / "Data" / "cmr"
+    for split in ("train", "val"):
+        result = pscv("prepare", cmr, "--out", tmp_path / split, "--cases", cmr / f"{split}_cases.txt", "--seed", "3")
+        assert "wrote 1 cases" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "train" / "points").iterdir()) == ["1.mrk.json"]
+    pscv("train", tmp_path / "train", "--out", tmp_path / "model", "--val", tmp_path / "val", *TINY)
+    card = json.loads((tmp_path / "model" / "model_card.json").read_text())
+    assert card["validation"]["cases"] == 1 and set(card["validation"]["dice"]) == {"Myo", "LV", "RV"}
+    wrong = pscv("prepare", cmr, "--classes", DATA / "classes.json", "--out", tmp_path / "x", check=False)
+    assert wrong.returncode == 2 and "holds value(s) 200, 500, 600 that are no class" in wrong.stderr
 
 
 @pytest.mark.parametrize("arguments, message", [

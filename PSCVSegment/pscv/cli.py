@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pscv {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_segment, _add_train, _add_predict, _add_evaluate, _add_export, _add_prepare_acdc, _add_bench,
-                _add_worker, _add_serve):
+    for add in (_add_segment, _add_train, _add_predict, _add_evaluate, _add_export, _add_prepare, _add_prepare_acdc,
+                _add_bench, _add_worker, _add_serve):
         add(subparsers)
     return parser
 
@@ -513,6 +513,39 @@ def _run_evaluate(args):
         from .base.atomic import write_text_atomic
 
         write_text_atomic(args.json, json.dumps({"summary": summary, "cases": per_case}, indent=2) + "\n")
+
+
+def _add_prepare(subparsers):
+    parser = subparsers.add_parser(
+        "prepare", help="turn a folder of labelled cases into a dataset folder with simulated clicks",
+        description="Write DATASET/images, labels, points and classes.json from a folder of labelled cases, "
+        "simulating a clicking user: in every n-th slice (along the axis of largest spacing), random pixels inside "
+        "each class present, background included, seeded per case. LABELLED_DIR holds images/<case>.* with "
+        "labels/<case>.* (or nnU-Net's imagesTr/labelsTr), or pairs image_<id>.* and label_<id>.* (the case is "
+        "named <id>), or <case>.* and <case>_label.*. Label maps may be stored as floats; a value that no class "
+        "has is an error.")
+    parser.add_argument("labelled", metavar="LABELLED_DIR", help="the folder of images and label maps")
+    parser.add_argument("--classes", help="classes.json: names and label values (default LABELLED_DIR/classes.json)")
+    parser.add_argument("--out", required=True, metavar="DATASET", help="the dataset folder to write")
+    parser.add_argument("--clicks-per-class", type=int, default=1, metavar="N",
+                        help="clicks per class present in each clicked slice (default 1)")
+    parser.add_argument("--every-nth-slice", type=int, default=1, metavar="N",
+                        help="click slices 0, N, 2N, ... only (default 1: every slice)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the simulated clicks (default 0)")
+    parser.add_argument("--cases", metavar="LIST_FILE",
+                        help="only the cases listed in this file (one case name or id a line), e.g. a train split")
+    parser.set_defaults(run=_run_prepare)
+
+
+def _run_prepare(args):
+    from .data.classes import read_classes
+    from .data.prepare import prepare_dataset, read_case_list
+
+    classes = read_classes(args.classes) if args.classes else None
+    cases = read_case_list(args.cases) if args.cases else None
+    names = prepare_dataset(args.labelled, args.out, classes, args.clicks_per_class, args.every_nth_slice, args.seed,
+                            cases, progress=ConsoleProgress())
+    print(f"wrote {len(names)} cases to {args.out}")
 
 
 def _add_prepare_acdc(subparsers):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,25 +47,38 @@ class Clicks:
         return len(self.values)
 
 
-def simulate_clicks(labels: np.ndarray, seed: int, slice_axis: int = 0, ignore: tuple = ()) -> Clicks:
-    """One pixel drawn at random inside each class present in each slice, background included.
+def simulate_clicks(labels: np.ndarray, seed: int, slice_axis: int = 0, ignore: tuple = (), clicks_per_class: int = 1,
+                    every_nth_slice: int = 1) -> Clicks:
+    """Simulated clicks: in each clicked slice, `clicks_per_class` pixels drawn at random (without repeats)
+    inside each class present, background included (fewer where a class has fewer pixels).
 
-    `labels` is a dense label map `[k, j, i]`; slices run along `slice_axis`. Deterministic for a seed.
+    `labels` is a dense label map `[k, j, i]`; slices run along `slice_axis`; slices 0, n, 2n, ... are clicked
+    for `every_nth_slice` n. Deterministic for a seed; the defaults draw what they always drew (one pixel
+    per class present in every slice).
     """
+    if clicks_per_class < 1 or every_nth_slice < 1:
+        raise PSCVError(f"clicks_per_class {clicks_per_class} and every_nth_slice {every_nth_slice}: give 1 or more")
     rng = np.random.default_rng(seed)
     kji, values = [], []
-    for s in range(labels.shape[slice_axis]):
+    for s in range(0, labels.shape[slice_axis], every_nth_slice):
         plane = np.take(labels, s, axis=slice_axis)
         for value in np.unique(plane):
             if value in ignore:
                 continue
             rows, cols = np.nonzero(plane == value)
-            pick = rng.integers(len(rows))
-            point = [rows[pick], cols[pick]]
-            point.insert(slice_axis, s)
-            kji.append(point)
-            values.append(int(value))
+            picks = ([rng.integers(len(rows))] if clicks_per_class == 1
+                     else rng.choice(len(rows), size=min(clicks_per_class, len(rows)), replace=False))
+            for pick in picks:
+                point = [rows[pick], cols[pick]]
+                point.insert(slice_axis, s)
+                kji.append(point)
+                values.append(int(value))
     return Clicks(np.array(kji, dtype=np.int64).reshape(-1, 3), np.array(values, dtype=np.int64))
+
+
+def case_seed(seed: int, case: str) -> int:
+    """A per-case seed for simulated clicks that does not depend on which other cases are converted."""
+    return seed * 1_000_003 + zlib.crc32(case.encode())
 
 
 def markups_document(clicks: Clicks, volume: Volume, classes: list[ClassInfo]) -> dict:

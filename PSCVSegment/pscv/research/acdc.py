@@ -8,14 +8,13 @@ class present, background included.
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import numpy as np
 
 from .. import PSCVError
 from ..data.classes import ACDC_CLASSES, write_classes
-from ..data.clicks import simulate_clicks, write_markups
+from ..data.clicks import case_seed, simulate_clicks, write_markups
 from ..data.volumes import Volume, write_image
 
 
@@ -32,11 +31,6 @@ def read_acdc_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
     with h5py.File(path, "r") as file:
         return file["image"][:].astype(np.float32), file["label"][:].astype(np.uint8)
-
-
-def case_seed(seed: int, case: str) -> int:
-    """A per-case seed that does not depend on which other cases are converted."""
-    return seed * 1_000_003 + zlib.crc32(case.encode())
 
 
 def acdc_volumes(data: str | Path, split: str) -> list[Path]:
