@@ -3,7 +3,8 @@ or on one val volume's own clicks (single mode), evaluated on the val patients, 
 
     python benchmarks/sweep.py CONFIGS.json --out runs/sweep --workers 4 [--mode cohort|single] [--device cuda]
 
-CONFIGS.json: [{"name": "pce", "settings": {"method": "pce", ...}}, ...]; every run appends one JSON line
+CONFIGS.json: [{"name": "pce", "settings": {"method": "pce", ...}, "seeds": [0, 1]}, ...] ("seeds" optional:
+--seeds for every config otherwise); every run appends one JSON line
 to OUT/results.jsonl (name, seed, settings, mean and per-class Dice, HD95, seconds), so an interrupted
 sweep keeps what finished and a rerun skips it. The table at the end groups the seeds of each name.
 """
@@ -37,11 +38,19 @@ def run_one(config: dict, args) -> dict:
 
     torch.set_num_threads(args.threads)
     val_cases = load_cases(Path(args.data), "val", 0)
+    last = [0.0]
+
+    def progress(event):  # a line every 30 s on stderr (the run's log)
+        if event.get("stage") == "train" and time.monotonic() - last[0] > 30:
+            last[0] = time.monotonic()
+            print(f"[train] {event['step']}/{event['total']} loss {event.get('loss')} "
+                  f"~{event.get('seconds_left')} s left", file=sys.stderr, flush=True)
+
     settings = {"device": args.device, **config["settings"]}
     started = time.monotonic()
     if args.mode == "cohort":
         train_cases = load_cases(Path(args.data), "train", 0)
-        model = train(train_cases, classes, TrainSettings.from_dict(settings))
+        model = train(train_cases, classes, TrainSettings.from_dict(settings), progress)
         result = evaluate_cases(model, val_cases, args.device)
         scores = result["scores"]
     else:
@@ -55,8 +64,12 @@ def run_one(config: dict, args) -> dict:
         scores = {n: mean_scores([s[n] for s in per_case]) for n in names}
         if grown:
             scores["growcut_mean"] = mean_scores([g["mean"] for g in grown])
+    commit = os.environ.get("PSCV_COMMIT") or subprocess.run(  # PSCV_COMMIT: a snapshot's (git archive) commit
+        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
     return {"name": config["name"], "seed": settings.get("seed", 0), "settings": settings, "scores": scores,
-            "seconds": round(time.monotonic() - started, 1), "mode": args.mode}
+            "seconds": round(time.monotonic() - started, 1), "mode": args.mode, "commit": commit,
+            "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
 
 
 def main():
@@ -71,6 +84,8 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per run")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds for every config")
     parser.add_argument("--deadline", type=float, help="seconds after which no new run starts")
+    parser.add_argument("--max-runs", type=int, help="run at most this many of the pending runs (in file order), "
+                        "then stop: a queue that a loop calls again picks up edits to CONFIGS.json")
     parser.add_argument("--base", default="{}", help="JSON settings under every config's own")
     parser.add_argument("--force", default="{}", help="JSON settings over every config's own (for dry runs)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config given as JSON
@@ -88,11 +103,12 @@ def main():
             done.add((row["name"], row["seed"]))
     runs = []
     for config in json.loads(Path(args.configs).read_text()):
-        for seed in [int(s) for s in args.seeds.split(",")]:
+        for seed in config.get("seeds", [int(s) for s in args.seeds.split(",")]):
             if (config["name"], seed) not in done:
                 settings = {**json.loads(args.base), **config["settings"], **json.loads(args.force), "seed": seed}
                 runs.append({**config, "settings": settings})
 
+    runs = runs[:args.max_runs] if args.max_runs is not None else runs
     started = time.monotonic()
 
     def launch(config):
@@ -103,9 +119,12 @@ def main():
                    "--device", args.device, "--data", args.data,
                    "--threads", str(args.threads), "--single-cases", str(args.single_cases)]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        finished = subprocess.run(command, capture_output=True, text=True, env=env)
+        log = out / "logs" / f"{config['name']}-seed{config['settings']['seed']}.log"
+        log.parent.mkdir(exist_ok=True)
+        with open(log, "w") as stderr:
+            finished = subprocess.run(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
         if finished.returncode:
-            print(f"FAILED {config['name']}: {finished.stderr[-2000:]}", flush=True)
+            print(f"FAILED {config['name']}: {log.read_text()[-2000:]}", flush=True)
             return
         row = json.loads(finished.stdout.strip().splitlines()[-1])
         with open(results_path, "a") as file:

@@ -315,7 +315,8 @@ def _check_resume(args, settings, processes: int) -> None:
     from .learn.training import shape_of_network
 
     classes, _ = read_dataset(args.dataset)
-    expected = run_description(classes, shape_of_network(classes, settings), settings.to_dict(), processes, None)
+    expected = run_description(classes, shape_of_network(classes, settings, training=True), settings.to_dict(),
+                               processes, None)
     check_compatible(args.resume, read_state(args.resume)["run"], expected)
 
 

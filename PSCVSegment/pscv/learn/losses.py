@@ -125,3 +125,51 @@ def pseudo_label_cross_entropy(logits: torch.Tensor, teacher_probabilities: torc
     if not (target != IGNORE).any():
         return logits.sum() * 0.0
     return F.cross_entropy(logits.float(), target, ignore_index=IGNORE)
+
+
+def gated_crf(probabilities: torch.Tensor, image: torch.Tensor, radius: int = 5, sigma_xy: float = 6.0,
+              sigma_intensity: float = 0.1) -> torch.Tensor:
+    """The gated CRF loss (Obukhov et al. 2019) with the Potts model, as WSL4MIS trains ACDC with it:
+    sum over pixel pairs (i, n) within `radius` (n != i) of k(i, n) (1 - p_i . p_n), divided by the number of
+    pixels, with k = exp(-|i - n|^2 / 2 sigma_xy^2 - (x_i - x_n)^2 / 2 sigma_intensity^2) (distances in pixels
+    of the network's input, intensities normalised; no gradient through the image).
+
+    Computed without unfolding: the message q_i = sum_n k(i, n) p_n is gathered offset by offset (no
+    gradient), and the loss is written sum k - 2 p.q + p.q with q and the last p held constant, which has the
+    loss's value and its exact gradient -2 q (k is symmetric). Memory stays that of a few batches of
+    probabilities. Pairs that would leave the image are not counted (WSL4MIS's zero padding counts a few).
+    """
+    batch, _, height, width = probabilities.shape
+    image = image.detach().float()
+    constant = probabilities.detach()
+    message = torch.zeros_like(constant)
+    kernel_sum = constant.new_zeros(())
+    with torch.no_grad():
+        for dy in range(0, min(radius, height - 1) + 1):
+            for dx in range(-min(radius, width - 1), min(radius, width - 1) + 1):
+                if dy == 0 and dx <= 0:
+                    continue  # each pair once (offsets of one half-plane), both directions below
+                a = (slice(None), slice(None), slice(0, height - dy), slice(max(0, -dx), width - max(0, dx)))
+                b = (slice(None), slice(None), slice(dy, height), slice(max(0, dx), width - max(0, -dx)))
+                kernel = torch.exp(-(dy * dy + dx * dx) / (2 * sigma_xy**2)
+                                   - (image[a] - image[b]) ** 2 / (2 * sigma_intensity**2))
+                message[a] += kernel * constant[b]
+                message[b] += kernel * constant[a]
+                kernel_sum += 2 * kernel.sum()
+        fixed = (constant * message).sum()
+    return (kernel_sum - 2 * (probabilities * message).sum() + fixed) / (batch * height * width)
+
+
+def dice_to_labels(probabilities: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - soft Dice between the probabilities and hard labels (B, H, W), per class over the whole batch
+    (squared terms in the denominator, as DMPLS's pDLoss), averaged over the classes."""
+    classes = probabilities.shape[1]
+    one_hot = F.one_hot(target.long(), classes).permute(0, 3, 1, 2).to(probabilities.dtype)
+    intersection = (probabilities * one_hot).sum(dim=(0, 2, 3))
+    denominator = (probabilities**2).sum(dim=(0, 2, 3)) + one_hot.sum(dim=(0, 2, 3))
+    return (1 - (2 * intersection + 1e-5) / (denominator + 1e-5)).mean()
+
+
+def mixed_pseudo_labels(probabilities: torch.Tensor, auxiliary: torch.Tensor, mix: float) -> torch.Tensor:
+    """DMPLS's pseudo-labels: argmax of mix p_main + (1 - mix) p_auxiliary (no gradient)."""
+    return (mix * probabilities.detach() + (1 - mix) * auxiliary.detach()).argmax(dim=1)

@@ -42,8 +42,10 @@ def build_metadata(classes, normalization: dict, network: dict, method: str, set
 
 
 def build_network(network: dict) -> UNet:
+    """The network a shape describes (`training.shape_of_network`); `auxiliary_decoder` only while training."""
     return UNet(num_classes=network["num_classes"], in_channels=network.get("in_channels", 1),
-                widths=network["widths"], dropout=network["dropout"])
+                widths=network["widths"], dropout=network["dropout"],
+                auxiliary_decoder=network.get("auxiliary_decoder", False))
 
 
 def model_card(metadata: dict) -> dict:

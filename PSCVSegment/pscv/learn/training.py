@@ -37,12 +37,16 @@ from ..data.classes import ClassInfo
 from ..data.dataset import Case
 from ..data.intensity import DEFAULT_NORMALIZATION, normalize
 from . import checkpoints, distributed
+from .augmentation import affine_batch, flip_batch
 from .distributed import gather_batch
 from .losses import (
     IGNORE,
     contrastive_variance,
     dense_cross_entropy,
+    dice_to_labels,
+    gated_crf,
     local_affinity,
+    mixed_pseudo_labels,
     mumford_shah,
     partial_cross_entropy,
     pseudo_label_cross_entropy,
@@ -60,12 +64,18 @@ class TrainSettings:
     iterations: int = 30000
     batch_size: int = 12
     image_size: int = 256  # slices are resized to image_size x image_size (a multiple of 16)
-    learning_rate: float = 0.01  # SGD, momentum 0.9, poly decay (power 0.9)
+    learning_rate: float = 0.01  # the first step's; poly decay (power 0.9) to 0 at the last iteration
+    optimizer: str = "sgd"  # sgd (momentum, the WSL4MIS recipe) | adam (betas 0.9, 0.999)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    augment: str = "flip"  # none | flip (random flips and 90-degree turns, one for the whole batch)
+    augment: str = "flip"  # none | flip (random flips and 90-degree turns, one for the whole batch) | affine (below)
+    # augment=affine: each image its own rotation, scale and intensity change (one for the whole batch with the
+    # pscv method, whose contrastive term compares aligned images); no flip, no 90-degree turn (laterality kept)
+    augment_rotation: float = 20.0  # degrees, drawn uniformly in +-this
+    augment_scale: float = 0.1  # zoom drawn uniformly in 1 +- this
+    augment_intensity: float = 0.1  # contrast 1 +- this and brightness +- this (normalised units)
     cv_weight: float = 0.1  # lambda
     cv_temperature: float = 0.1  # tau
     cv_pairing: str = "infonce"  # infonce | supcon
@@ -82,6 +92,15 @@ class TrainSettings:
     pseudo_threshold: float = 0.9
     pseudo_start: float = 0.3  # fraction of the iterations before pseudo-labels start
     ema_decay: float = 0.99
+    # The gated CRF loss as WSL4MIS trains ACDC with it (losses.gated_crf; 0 = off):
+    crf_weight: float = 0.0
+    crf_radius: int = 5  # pixels of the network's input
+    crf_sigma_xy: float = 6.0  # pixels
+    crf_sigma_intensity: float = 0.1  # normalised units
+    # DMPLS (0 = off): an auxiliary decoder on dropout-perturbed features; both decoders learn from the clicks
+    # (their pCE averaged) and, with this weight, from Dice to the argmax of a random mix of the two
+    dmpls_weight: float = 0.0
+    dmpls_dropout: float = 0.5  # channel dropout on the features the auxiliary decoder reads
     roi_margin: float | None = None  # single-case mode: train and segment only around the organ clicks
     normalization: dict = field(default_factory=lambda: dict(DEFAULT_NORMALIZATION))
     widths: tuple = DEFAULT_WIDTHS
@@ -99,8 +118,10 @@ class TrainSettings:
             raise PSCVError("iterations and batch_size must be at least 1")
         if self.cv_pairing not in ("infonce", "supcon"):
             raise PSCVError(f"cv_pairing {self.cv_pairing!r}: use infonce or supcon")
-        if self.augment not in ("none", "flip"):
-            raise PSCVError(f"augment {self.augment!r}: use none or flip")
+        if self.augment not in ("none", "flip", "affine"):
+            raise PSCVError(f"augment {self.augment!r}: use none, flip or affine")
+        if self.optimizer not in ("sgd", "adam"):
+            raise PSCVError(f"optimizer {self.optimizer!r}: use sgd or adam")
         if self.cv_map not in ("variance", "probability"):
             raise PSCVError(f"cv_map {self.cv_map!r}: use variance or probability")
         if self.roi_margin is not None and self.roi_margin < 0:
@@ -212,25 +233,16 @@ def build_training_tensors(cases, classes, settings, device) -> TrainingTensors:
     )
 
 
-def augment_batch(tensors: list[torch.Tensor | None], generator: torch.Generator) -> list:
-    """One random flip / 90-degree turn applied to every image of the batch (keeps them aligned)."""
-    turns, flip = torch.randint(0, 4, (2,), generator=generator).tolist()
-    out = []
-    for tensor in tensors:
-        if tensor is not None:
-            tensor = torch.rot90(tensor, turns, dims=(-2, -1))
-            if flip % 2:
-                tensor = torch.flip(tensor, dims=(-1,))
-        out.append(tensor)
-    return out
-
-
 def loss_terms(logits, images, sparse, dense, present, settings: TrainSettings, step: int,
-               teacher_probabilities=None) -> dict:
-    """The loss terms of the chosen method, each a scalar tensor already weighted; the total is their sum."""
+               teacher_probabilities=None, auxiliary_logits=None, mix: float = 0.5) -> dict:
+    """The loss terms of the chosen method, each a scalar tensor already weighted; the total is their sum.
+    `auxiliary_logits` (DMPLS): the auxiliary decoder's output, `mix` the weight of the main decoder's
+    probabilities in the pseudo-labels."""
     if settings.method == "full":
         return {"dense": dense_cross_entropy(logits, dense)}
     terms = {"pce": partial_cross_entropy(logits, sparse)}
+    if auxiliary_logits is not None:
+        terms["pce"] = 0.5 * (terms["pce"] + partial_cross_entropy(auxiliary_logits, sparse))
     probabilities = logits.float().softmax(dim=1)
     images = images.float()
     if settings.method == "pscv":
@@ -248,9 +260,17 @@ def loss_terms(logits, images, sparse, dense, present, settings: TrainSettings, 
     if settings.affinity_weight:
         terms["affinity"] = settings.affinity_weight * local_affinity(
             probabilities, images, sigma_intensity=settings.affinity_sigma)
+    if settings.crf_weight:
+        terms["crf"] = settings.crf_weight * gated_crf(probabilities, images, settings.crf_radius,
+                                                       settings.crf_sigma_xy, settings.crf_sigma_intensity)
     if teacher_probabilities is not None:
         terms["pseudo"] = settings.pseudo_weight * pseudo_label_cross_entropy(
             logits, teacher_probabilities, sparse, settings.pseudo_threshold)
+    if auxiliary_logits is not None:
+        auxiliary = auxiliary_logits.float().softmax(dim=1)
+        labels = mixed_pseudo_labels(probabilities, auxiliary, mix)
+        terms["dmpls"] = settings.dmpls_weight * 0.5 * (dice_to_labels(probabilities, labels)
+                                                        + dice_to_labels(auxiliary, labels))
     return terms
 
 
@@ -263,10 +283,25 @@ def update_teacher(teacher, student, decay: float) -> None:
         teacher_buffer.copy_(buffer)
 
 
-def shape_of_network(classes: list[ClassInfo], settings: TrainSettings) -> dict:
-    """The network these classes and settings make (`models.build_network` builds it)."""
-    return {"num_classes": len(classes), "in_channels": 1, "widths": list(settings.widths),
-            "dropout": list(settings.dropout), "image_size": settings.image_size, "architecture": "unet2d"}
+def uses_auxiliary_decoder(settings: TrainSettings) -> bool:
+    return bool(settings.dmpls_weight) and settings.method != "full"
+
+
+def shape_of_network(classes: list[ClassInfo], settings: TrainSettings, training: bool = False) -> dict:
+    """The network these classes and settings make (`models.build_network` builds it); with `training`, the
+    one trained, with DMPLS's auxiliary decoder where the settings use it (a saved model leaves it out)."""
+    shape = {"num_classes": len(classes), "in_channels": 1, "widths": list(settings.widths),
+             "dropout": list(settings.dropout), "image_size": settings.image_size, "architecture": "unet2d"}
+    if training and uses_auxiliary_decoder(settings):
+        shape["auxiliary_decoder"] = True
+    return shape
+
+
+def build_optimizer(network: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(network.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    return torch.optim.SGD(network.parameters(), lr=settings.learning_rate, momentum=settings.momentum,
+                           weight_decay=settings.weight_decay)
 
 
 def poly_learning_rate(settings: TrainSettings, step: int) -> float:
@@ -370,13 +405,13 @@ def setup_run(cases, classes, settings: TrainSettings, progress=None, should_sto
     data = build_training_tensors(cases, classes, settings, torch.device("cpu"))
     totals = {"slices": len(data.images), "clicks": int((data.sparse != IGNORE).sum().item())}
     data = slices_on_device(data, distributed.shard(totals["slices"], processes) if several else None, device)
-    network_shape = shape_of_network(classes, settings)
+    network_shape = shape_of_network(classes, settings, training=True)
     network = build_network(network_shape)
     if initial is not None:
-        if initial.metadata["network"] != network_shape:
+        if initial.metadata["network"] != shape_of_network(classes, settings):
             raise PSCVError(f"cannot fine-tune: the model's network {initial.metadata['network']} differs from "
-                            f"the one these settings make {network_shape}")
-        network.load_state_dict(initial.network.state_dict())
+                            f"the one these settings make {shape_of_network(classes, settings)}")
+        network.load_state_dict(initial.network.state_dict(), strict=not uses_auxiliary_decoder(settings))
     if several:
         torch.manual_seed(settings.seed + processes.rank)  # same initial weights, dropout of its own
     network = network.to(device)
@@ -386,8 +421,7 @@ def setup_run(cases, classes, settings: TrainSettings, progress=None, should_sto
     synchronised = several and device.type == "cuda" and settings.sync_batchnorm  # SyncBatchNorm needs GPUs
     if synchronised:
         network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
-    optimizer = torch.optim.SGD(network.parameters(), lr=settings.learning_rate, momentum=settings.momentum,
-                                weight_decay=settings.weight_decay)
+    optimizer = build_optimizer(network, settings)
     teacher = None
     if settings.pseudo_weight and settings.method != "full":
         teacher = copy.deepcopy(network).eval().requires_grad_(False)
@@ -408,26 +442,40 @@ def restore_run(run: TrainingRun, resume) -> None:
     run.history, run.first_step, run.seconds_before = state["history"], state["step"], state["seconds"]
 
 
-def train_step(run: TrainingRun, step: int):
-    """One step: draw a batch, augment it, forward, the loss terms, backward, update (and the teacher).
-    Returns the loss and its terms (tensors on the device: reading them waits for it)."""
+def draw_batch(run: TrainingRun):
+    """This step's slices, augmented: (images, clicks, dense labels or None, classes present)."""
     settings, data = run.settings, run.data
     index = torch.randint(0, len(data.images), (run.batch_size,), generator=run.generator).to(run.device)
     images, sparse = data.images[index], data.sparse[index]
     dense = None if data.dense is None else data.dense[index]
     if settings.augment == "flip":
-        images, sparse, dense = augment_batch([images, sparse, dense], run.augmenter)
+        images, sparse, dense = flip_batch([images, sparse, dense], run.augmenter)
+    elif settings.augment == "affine":
+        images, sparse, dense = affine_batch(images, sparse, dense, run.augmenter, settings.augment_rotation,
+                                             settings.augment_scale, settings.augment_intensity,
+                                             aligned=settings.method == "pscv")
+    return images, sparse, dense, data.present[index]
+
+
+def train_step(run: TrainingRun, step: int):
+    """One step: draw a batch, augment it, forward, the loss terms, backward, update (and the teacher).
+    Returns the loss and its terms (tensors on the device: reading them waits for it)."""
+    settings = run.settings
+    images, sparse, dense, present = draw_batch(run)
     for group in run.optimizer.param_groups:
         group["lr"] = poly_learning_rate(settings, step)
     if run.use_cuda:
         images = images.contiguous(memory_format=torch.channels_last)
+    auxiliary = uses_auxiliary_decoder(settings)
+    mix = torch.rand((), generator=run.augmenter).item() if auxiliary else 0.5
     with torch.autocast(device_type=run.device.type, dtype=torch.bfloat16, enabled=run.use_cuda):
-        logits = run.forward(images)
+        logits, auxiliary_logits = run.forward(images, auxiliary=True) if auxiliary else (run.forward(images), None)
         teacher_probabilities = None
         if run.teacher is not None and step >= int(settings.pseudo_start * settings.iterations):
             with torch.no_grad():
                 teacher_probabilities = run.teacher(images).float().softmax(dim=1)
-    terms = loss_terms(logits, images, sparse, dense, data.present[index], settings, step, teacher_probabilities)
+    terms = loss_terms(logits, images, sparse, dense, present, settings, step, teacher_probabilities,
+                       auxiliary_logits, mix)
     loss = sum(terms.values())
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -470,13 +518,15 @@ def finish_model(run: TrainingRun, classes, cases: int, resumed: bool) -> Model:
     seconds = run.seconds_before + time.monotonic() - run.started
     network = run.network
     network.eval()
-    if run.synchronised:  # back to plain batch norm (same weights) for inference and saving
-        network = build_network(run.network_shape).to(run.device).eval()
-        network.load_state_dict(run.forward.module.state_dict())
+    shape = shape_of_network(classes, settings)  # the saved model: without DMPLS's auxiliary decoder
+    if run.synchronised or shape != run.network_shape:  # plain batch norm (same weights), main decoder only
+        trained = (run.forward.module if run.synchronised else run.network).state_dict()
+        network = build_network(shape).to(run.device).eval()
+        network.load_state_dict({k: v for k, v in trained.items() if not k.startswith("aux_")})
     images = (settings.iterations - run.first_step) * run.batch_size * processes.size
     images_per_second = images / max(seconds - run.seconds_before, 1e-9)
     metadata = build_metadata(
-        classes, settings.normalization, run.network_shape, settings.method, settings.to_dict(),
+        classes, settings.normalization, shape, settings.method, settings.to_dict(),
         training={**run.totals, "cases": cases, "seconds": round(seconds, 2), "device": str(run.device),
                   "images_per_second": round(images_per_second, 1), "processes": processes.size,
                   "global_batch": run.batch_size * processes.size,
