@@ -4,13 +4,17 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pscv.learn.losses import (
     IGNORE,
     class_means,
     contrastive_variance,
     dense_cross_entropy,
+    dice_to_labels,
+    gated_crf,
     local_affinity,
+    mixed_pseudo_labels,
     mumford_shah,
     partial_cross_entropy,
     pseudo_label_cross_entropy,
@@ -138,3 +142,55 @@ def test_pseudo_labels_only_from_confident_pixels_and_clicks_overrule():
     logits[0, 1, 0, 0] = 5.0
     value = pseudo_label_cross_entropy(logits, teacher, clicks, 0.9).item()
     assert value == pytest.approx(-torch.log_softmax(torch.tensor([0.0, 5.0]), 0)[1].item(), rel=1e-5)
+
+
+def gated_crf_by_unfolding(probabilities, image, radius=5, sigma_xy=6.0, sigma_intensity=0.1):
+    """The gated CRF loss written out as the Gated CRF paper's formula over unfolded neighbourhoods (pairs
+    leaving the image not counted): what `gated_crf` computes without unfolding."""
+    batch, classes, height, width = probabilities.shape
+    size = 2 * radius + 1
+    rows, cols = torch.meshgrid(torch.arange(height, dtype=image.dtype), torch.arange(width, dtype=image.dtype),
+                                indexing="ij")
+    features = torch.cat([cols.expand(batch, 1, height, width) / sigma_xy,
+                          rows.expand(batch, 1, height, width) / sigma_xy, image / sigma_intensity], dim=1)
+    neighbours = F.unfold(features, size, padding=radius).view(batch, 3, size * size, height * width)
+    centre = features.view(batch, 3, 1, height * width)
+    kernel = torch.exp(-0.5 * ((neighbours - centre) ** 2).sum(dim=1))
+    kernel = kernel * F.unfold(torch.ones_like(image), size, padding=radius).view(batch, size * size, -1)
+    kernel[:, size * size // 2] = 0
+    p_neighbours = F.unfold(probabilities, size, padding=radius).view(batch, classes, size * size, -1)
+    agreement = (p_neighbours * probabilities.view(batch, classes, 1, -1)).sum(dim=1)
+    return (kernel * (1 - agreement)).sum() / (batch * height * width)
+
+
+def test_gated_crf_equals_the_unfolded_formula_in_value_and_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 13, 11, dtype=torch.float64, requires_grad=True)
+    image = torch.rand(2, 1, 13, 11, dtype=torch.float64)
+    ours = gated_crf(logits.softmax(dim=1), image, radius=3, sigma_xy=2.0, sigma_intensity=0.3)
+    (gradient,) = torch.autograd.grad(ours, logits)
+    reference = gated_crf_by_unfolding(logits.softmax(dim=1), image, radius=3, sigma_xy=2.0, sigma_intensity=0.3)
+    (expected,) = torch.autograd.grad(reference, logits)
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-9)
+    assert torch.allclose(gradient, expected, atol=1e-12)
+
+
+def test_gated_crf_is_zero_for_agreeing_certain_pixels_and_ignores_edges_across_intensity_jumps():
+    image = torch.zeros(1, 1, 8, 8)
+    image[..., 4:] = 1.0  # a sharp edge between columns 3 and 4
+    split = torch.zeros(1, 2, 8, 8)
+    split[:, 0, :, :4], split[:, 1, :, 4:] = 1.0, 1.0  # the labels change exactly at the edge
+    assert gated_crf(split, image).item() == pytest.approx(0, abs=1e-6)
+    shifted = torch.zeros(1, 2, 8, 8)
+    shifted[:, 0, :, :2], shifted[:, 1, :, 2:] = 1.0, 1.0  # a label change inside a flat region costs
+    assert gated_crf(shifted, image).item() > 0.5
+
+
+def test_dice_to_labels_and_mixed_pseudo_labels():
+    target = torch.tensor([[[0, 1], [1, 1]]])
+    perfect = F.one_hot(target, 2).permute(0, 3, 1, 2).float()
+    assert dice_to_labels(perfect, target).item() == pytest.approx(0, abs=1e-5)
+    assert dice_to_labels(1 - perfect, target).item() == pytest.approx(1, abs=1e-5)
+    main = torch.tensor([[[[0.9]], [[0.1]]]])
+    auxiliary = torch.tensor([[[[0.2]], [[0.8]]]])
+    assert mixed_pseudo_labels(main, auxiliary, 0.9).item() == 0 and mixed_pseudo_labels(main, auxiliary, 0.1) == 1

@@ -83,6 +83,48 @@ def test_affinity_and_pseudo_label_terms_train_and_report():
     assert "pseudo" in history[-1] and history[-1]["pseudo"] > 0
 
 
+def test_affine_augmentation_moves_clicks_with_the_image_and_keeps_orientation():
+    from pscv.learn.augmentation import affine_batch
+
+    generator = torch.Generator().manual_seed(0)
+    dense = torch.zeros(6, 48, 48, dtype=torch.uint8)
+    dense[:, 8:24, 6:20], dense[:, 28:44, 26:42] = 1, 2  # organ 1 up left, organ 2 down right
+    sparse = torch.full_like(dense, 255)
+    rows, cols = torch.randint(12, 36, (2, 6, 30), generator=generator)
+    for b in range(6):
+        sparse[b, rows[b], cols[b]] = dense[b, rows[b], cols[b]]
+    images, moved, warped = affine_batch(dense[:, None].float(), sparse, dense, generator, intensity=0.0)
+    clicked = moved != 255
+    assert clicked.sum() == (sparse != 255).sum()  # clicks away from the border all stay
+    # each click still lies in its class (up to a pixel of rounding at the edges), the image moved alike
+    assert (moved[clicked] == warped[clicked]).float().mean() > 0.97
+    assert (images[:, 0].round() == warped).float().mean() > 0.97
+    for b in range(6):  # a rotation of at most 20 degrees: organ 1 stays left of and above organ 2
+        first, second = torch.nonzero(warped[b] == 1).float().mean(0), torch.nonzero(warped[b] == 2).float().mean(0)
+        assert first[0] < second[0] and first[1] < second[1]
+    _, _, same = affine_batch(dense[:, None].float(), sparse, dense, generator, aligned=True)
+    assert all(torch.equal(same[0], same[b]) for b in range(6))  # one transform for the whole batch
+
+
+@pytest.mark.parametrize("extra", [{"optimizer": "adam", "learning_rate": 0.003}, {"augment": "affine"},
+                                   {"crf_weight": 0.1}, {"dmpls_weight": 0.5}])
+def test_recipe_ingredients_train_and_save_a_plain_model(extra, tmp_path):
+    from pscv.learn.models import load_model, save_model
+
+    volume, labels = two_organ_volume()
+    case = Case(volume, simulate_clicks(labels, seed=0))
+    model = train([case], CLASSES, TrainSettings(**{**TINY, "method": "pce", "iterations": 40, "learning_rate": 0.05,
+                                                    **extra}))
+    history = model.metadata["history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert ("crf" in history[0]) == ("crf_weight" in extra) and ("dmpls" in history[0]) == ("dmpls_weight" in extra)
+    assert "auxiliary_decoder" not in model.metadata["network"]  # DMPLS's second decoder is for training only
+    assert not any(name.startswith("aux_") for name in model.network.state_dict())
+    save_model(model, tmp_path / "model")
+    assert torch.equal(load_model(tmp_path / "model").network(torch.zeros(1, 1, 32, 32)),
+                       model.network(torch.zeros(1, 1, 32, 32)))
+
+
 def test_same_seed_same_model():
     volume, labels = two_organ_volume(slices=4, size=32)
     case = Case(volume, simulate_clicks(labels, seed=0))

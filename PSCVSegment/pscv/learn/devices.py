@@ -25,3 +25,20 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise PSCVError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX): autocast to it then speeds training up
+    (2x on the U-Net on an AMD EPYC with AVX512-BF16); elsewhere it would be emulated, and slower."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # a torch without these probes
+        return False
+
+
+def uses_bfloat16(device: torch.device, precision: str = "auto") -> bool:
+    """Whether to train in bfloat16 autocast: `precision` bfloat16 or float32, or auto: CUDA GPUs, and CPUs
+    that compute bfloat16 natively."""
+    if precision != "auto":
+        return precision == "bfloat16"
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_bfloat16())

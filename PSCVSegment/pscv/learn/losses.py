@@ -93,26 +93,58 @@ def contrastive_variance(maps: torch.Tensor, present: torch.Tensor | None = None
     return -(log_probability * positive).sum() / positive.sum()
 
 
+def pair_messages(image: torch.Tensor, tensors: list, radius: int, sigma_distance: float, sigma_intensity: float):
+    """Sums over each pixel's neighbours n within `radius` (n != i, inside the image) with the Gaussian weight
+    k(i, n) = exp(-|i - n|^2 / 2 sigma_distance^2 - (x_i - x_n)^2 / 2 sigma_intensity^2) of `image` (B, 1, H, W):
+    returns (sum_n k(i, n) as (B, 1, H, W), [sum_n k(i, n) t_n for each tensor t (B, C, H, W)]).
+
+    Offset by offset over shifted views (each pair once, added both ways: k is symmetric), without
+    gradient: memory stays that of the inputs, where unfolding would copy them (2 radius + 1)^2 times."""
+    batch, _, height, width = image.shape
+    weights = torch.zeros_like(image)
+    messages = [torch.zeros_like(t) for t in tensors]
+    with torch.no_grad():
+        for dy in range(0, min(radius, height - 1) + 1):
+            for dx in range(-min(radius, width - 1), min(radius, width - 1) + 1):
+                if dy == 0 and dx <= 0:
+                    continue  # offsets of one half-plane: each pair once
+                a = (slice(None), slice(None), slice(0, height - dy), slice(max(0, -dx), width - max(0, dx)))
+                b = (slice(None), slice(None), slice(dy, height), slice(max(0, dx), width - max(0, -dx)))
+                kernel = torch.exp(-(dy * dy + dx * dx) / (2 * sigma_distance**2)
+                                   - (image[a] - image[b]) ** 2 / (2 * sigma_intensity**2))
+                weights[a] += kernel
+                weights[b] += kernel
+                for tensor, message in zip(tensors, messages):
+                    message[a] += kernel * tensor[b]
+                    message[b] += kernel * tensor[a]
+    return weights, messages
+
+
+def with_gradient(value: torch.Tensor, probabilities: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """A scalar equal to `value` whose gradient with respect to `probabilities` is `gradient` (both computed
+    without autograd by the caller): value + sum p g - sum p g, the last term held constant."""
+    return value + (probabilities * gradient).sum() - (probabilities.detach() * gradient).sum()
+
+
 def local_affinity(probabilities: torch.Tensor, image: torch.Tensor, radius: int = 2, sigma_intensity: float = 0.1,
                    sigma_distance: float = 2.0) -> torch.Tensor:
     """A CRF-like pairwise term: neighbours (within `radius`) of similar intensity should agree.
 
     Mean over pixels of sum_n w(i, n) (1 - p_i . p_n) / sum_n w(i, n), with
-    w = exp(-(x_i - x_n)^2 / 2 sigma_intensity^2 - |i - n|^2 / 2 sigma_distance^2).
+    w = exp(-(x_i - x_n)^2 / 2 sigma_intensity^2 - |i - n|^2 / 2 sigma_distance^2) (`pair_messages`), n != i inside
+    the image; no gradient through the image. With W_i = sum_n w(i, n) and q_i = sum_n w(i, n) p_n the value is
+    mean (W_i - p_i . q_i) / W_i and its gradient -(q / W + sum_i w(i, .) p_i / W_i) / pixels, both computed
+    directly.
     """
-    batch, classes, height, width = probabilities.shape
-    size = 2 * radius + 1
-    neighbours_p = F.unfold(probabilities, size, padding=radius).view(batch, classes, size * size, height * width)
-    neighbours_x = F.unfold(image, size, padding=radius).view(batch, 1, size * size, height * width)
-    offsets = torch.arange(-radius, radius + 1, device=image.device, dtype=image.dtype)
-    distance2 = (offsets[:, None] ** 2 + offsets[None, :] ** 2).reshape(1, 1, -1, 1)
-    centre_x = image.reshape(batch, 1, 1, height * width)
-    weight = torch.exp(-(neighbours_x - centre_x) ** 2 / (2 * sigma_intensity**2) - distance2 / (2 * sigma_distance**2))
-    inside = F.unfold(torch.ones_like(image), size, padding=radius).view(batch, 1, size * size, height * width)
-    weight = weight * inside
-    weight[:, :, size * size // 2] = 0  # not the pixel itself
-    agreement = (neighbours_p * probabilities.reshape(batch, classes, 1, height * width)).sum(dim=1, keepdim=True)
-    return ((weight * (1 - agreement)).sum(dim=2) / (weight.sum(dim=2) + EPS)).mean()
+    image = image.detach().to(probabilities.dtype)
+    constant = probabilities.detach()
+    weights, (message,) = pair_messages(image, [constant], radius, sigma_distance, sigma_intensity)
+    with torch.no_grad():
+        normaliser = weights + EPS
+        value = ((weights - (constant * message).sum(dim=1, keepdim=True)) / normaliser).mean()
+        _, (back,) = pair_messages(image, [constant / normaliser], radius, sigma_distance, sigma_intensity)
+        gradient = -(message / normaliser + back) / (weights.numel())
+    return with_gradient(value, probabilities, gradient)
 
 
 def pseudo_label_cross_entropy(logits: torch.Tensor, teacher_probabilities: torch.Tensor,
@@ -134,30 +166,17 @@ def gated_crf(probabilities: torch.Tensor, image: torch.Tensor, radius: int = 5,
     pixels, with k = exp(-|i - n|^2 / 2 sigma_xy^2 - (x_i - x_n)^2 / 2 sigma_intensity^2) (distances in pixels
     of the network's input, intensities normalised; no gradient through the image).
 
-    Computed without unfolding: the message q_i = sum_n k(i, n) p_n is gathered offset by offset (no
-    gradient), and the loss is written sum k - 2 p.q + p.q with q and the last p held constant, which has the
-    loss's value and its exact gradient -2 q (k is symmetric). Memory stays that of a few batches of
-    probabilities. Pairs that would leave the image are not counted (WSL4MIS's zero padding counts a few).
+    With q_i = sum_n k(i, n) p_n (`pair_messages`, no unfolding) the value is (sum k - sum p . q) / pixels and
+    its gradient -2 q / pixels (k is symmetric). Pairs that would leave the image are not counted (WSL4MIS's
+    zero padding counts a few of them).
     """
     batch, _, height, width = probabilities.shape
-    image = image.detach().float()
+    image = image.detach().to(probabilities.dtype)
     constant = probabilities.detach()
-    message = torch.zeros_like(constant)
-    kernel_sum = constant.new_zeros(())
-    with torch.no_grad():
-        for dy in range(0, min(radius, height - 1) + 1):
-            for dx in range(-min(radius, width - 1), min(radius, width - 1) + 1):
-                if dy == 0 and dx <= 0:
-                    continue  # each pair once (offsets of one half-plane), both directions below
-                a = (slice(None), slice(None), slice(0, height - dy), slice(max(0, -dx), width - max(0, dx)))
-                b = (slice(None), slice(None), slice(dy, height), slice(max(0, dx), width - max(0, -dx)))
-                kernel = torch.exp(-(dy * dy + dx * dx) / (2 * sigma_xy**2)
-                                   - (image[a] - image[b]) ** 2 / (2 * sigma_intensity**2))
-                message[a] += kernel * constant[b]
-                message[b] += kernel * constant[a]
-                kernel_sum += 2 * kernel.sum()
-        fixed = (constant * message).sum()
-    return (kernel_sum - 2 * (probabilities * message).sum() + fixed) / (batch * height * width)
+    weights, (message,) = pair_messages(image, [constant], radius, sigma_xy, sigma_intensity)
+    pixels = batch * height * width
+    value = (weights.sum() - (constant * message).sum()) / pixels
+    return with_gradient(value, probabilities, -2 * message / pixels)
 
 
 def dice_to_labels(probabilities: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
