@@ -34,6 +34,24 @@ def test_help_for_every_command():
         assert "usage: pscv " + command in pscv(command, "--help").stdout
 
 
+def test_train_defaults_follow_the_device_and_the_help_says_both():
+    from pscv import cli
+    from pscv.learn.budgets import COHORT_CPU_BUDGET, COHORT_GPU_BUDGET, describe
+    from pscv.learn.training import cohort_budget, cohort_settings
+
+    def settings(*arguments):
+        return cli._train_settings(cli.build_parser().parse_args(["train", "data", "--out", "m", *arguments]))
+
+    on_cpu = settings("--device", "cpu")
+    assert {k: on_cpu.to_dict()[k] for k in COHORT_CPU_BUDGET} == COHORT_CPU_BUDGET == cohort_budget("cpu")
+    assert COHORT_GPU_BUDGET == {"iterations": 30000, "image_size": 256, "batch_size": 12}  # the paper profile
+    chosen = settings("--device", "cpu", "--iterations", "50", "--batch-size", "4")
+    assert (chosen.iterations, chosen.batch_size, chosen.image_size) == (50, 4, COHORT_CPU_BUDGET["image_size"])
+    assert cohort_settings("cpu", method="full").method == "full"
+    text = " ".join(pscv("train", "--help").stdout.split())
+    assert f"on a CPU {describe(COHORT_CPU_BUDGET)}" in text and describe(COHORT_GPU_BUDGET) in text
+
+
 def test_segment_writes_a_seg_nrrd_that_slicerio_reads_with_names_colors_and_geometry(tmp_path):
     out = tmp_path / "result.seg.nrrd"
     result = pscv("segment", DATA / f"{CASE}.nrrd", "--points", DATA / f"{CASE}.mrk.json",
@@ -87,6 +105,22 @@ def test_prepare_a_labelled_folder_then_train_and_validate_on_it(tmp_path):
     assert card["validation"]["cases"] == 1 and set(card["validation"]["dice"]) == {"Myo", "LV", "RV"}
     wrong = pscv("prepare", cmr, "--classes", DATA / "classes.json", "--out", tmp_path / "x", check=False)
     assert wrong.returncode == 2 and "holds value(s) 200, 500, 600 that are no class" in wrong.stderr
+
+
+def test_bench_cohort_trains_the_recipes_on_one_dataset_and_scores_them_on_another(tmp_path):
+    cmr = Path(__file__).parent / "Data" / "cmr"
+    for split in ("train", "val"):
+        pscv("prepare", cmr, "--out", tmp_path / split, "--cases", cmr / f"{split}_cases.txt")
+    pscv("bench", "cohort", "--train", tmp_path / "train", "--val", tmp_path / "val", "--out", tmp_path / "bench",
+         "--methods", "pce,full", "--iterations", "2", "--device", "cpu", "--set", "image_size=32",
+         "--set", "batch_size=2", "--set", "widths=[4,8]", "--set", "dropout=[0,0]")
+    report = (tmp_path / "bench" / "results.md").read_text()
+    assert "HD95 in mm" in report and "| Dice Myo | Dice LV | Dice RV | mean Dice | HD95 Myo |" in report
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert list(results["methods"]) == ["pce", "full"] and results["header"]["val_cases"] == 1
+    assert set(results["methods"]["pce"]["scores"]) == {"Myo", "LV", "RV", "mean"}
+    refused = pscv("bench", "cohort", "--train", tmp_path / "train", check=False)
+    assert refused.returncode == 2 and "needs --train DATASET and --val DATASET" in refused.stderr
 
 
 @pytest.mark.parametrize("arguments, message", [

@@ -38,7 +38,7 @@ ENV = {"PYTHONPATH": str(HERE.parent / "PSCVSegment"), "OMP_NUM_THREADS": "1", "
 TWO_CLASSES = [ClassInfo("background", 0, (0, 0, 0)), ClassInfo("organ", 1, (230, 159, 0))]
 TINY = ["--method", "pscv", "--image-size", "32", "--device", "cpu", "--set", "widths=[8,16,32]",
         "--set", "cv_gather=true", "--set", "learning_rate=0.05", "--set", "affinity_weight=0",
-        "--set", "pseudo_weight=0", "--quiet"]
+        "--set", "pseudo_weight=0", "--set", "precision=float32", "--quiet"]  # float32: one and two processes agree
 RESUMED = {"method": "pscv", "iterations": 24, "batch_size": 2, "image_size": 32, "device": "cpu",
            "widths": [8, 16, 32], "dropout": [0.2, 0.2, 0.2], "augment": "flip", "cv_gather": True,
            "learning_rate": 0.05}
@@ -108,7 +108,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(one_and_two_
         assert torch.allclose(first[name], second[name], rtol=1e-2, atol=1e-6), name
     for a, b in zip(one_model.metadata["history"], two_model.metadata["history"], strict=True):
         assert a.keys() == b.keys() == {"step", "loss", "pce", "cv"}
-        assert all(b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-8) for key in a)
+        # rel 1e-4: channels-last convolutions on the CPU sum in an order that depends on the batch size
+        assert all(b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-8) for key in a)
     # One process spoke for both: one announcement, one progress line per step reported, one result line.
     assert two.stderr.count("training pscv on 1 cases") == 1 and "in 2 processes (global batch 4)" in two.stderr
     assert two.stdout.count("wrote") == 1
@@ -137,7 +138,7 @@ def test_model_card_says_what_was_trained_on_what_where_and_how_well(one_and_two
     validation = card["validation"]
     assert validation["cases"] == 1 and set(validation["dice"]) == {"organ"}
     assert 0 < validation["mean_dice"] <= 1 and validation == {**cards["one"]["validation"]}
-    assert not (root / "two" / CHECKPOINT).exists()  # the model replaced the run's checkpoint
+    assert read_state(root / "two" / CHECKPOINT)["step"] == 6  # the finished run's state stays: --resume extends it
 
 
 def test_a_stopped_two_process_run_resumes_to_where_the_uninterrupted_run_ends(tmp_path):
@@ -158,7 +159,7 @@ def test_a_stopped_two_process_run_resumes_to_where_the_uninterrupted_run_ends(t
         assert torch.equal(tensor, resumed.network.state_dict()[name]), name
     assert resumed.metadata["history"] == whole.metadata["history"]
     assert resumed.metadata["training"]["resumed_from_step"] == 11
-    assert not (tmp_path / "part" / CHECKPOINT).exists()
+    assert read_state(tmp_path / "part" / CHECKPOINT)["step"] == 24
 
 
 def tiny_case():
@@ -196,6 +197,25 @@ def test_a_stopped_run_resumes_exactly(stopped_run):
         assert torch.equal(tensor, resumed.network.state_dict()[name]), name
     assert resumed.metadata["history"] == whole.metadata["history"]
     assert {"pce", "cv", "pseudo"} <= set(resumed.metadata["history"][-1])
+
+
+def test_a_finished_run_extends_to_a_larger_total_with_its_pseudo_labels_and_the_longer_schedule(tmp_path):
+    settings = TrainSettings(iterations=12, **TINY_SETTINGS)  # pseudo-labels from step 2 (0.2 x 12)
+    finished = train(tiny_case(), CLASSES, settings, checkpoint_dir=tmp_path, final_checkpoint=True)
+    assert read_state(tmp_path / CHECKPOINT)["step"] == 12
+    longer = TrainSettings(**{**settings.to_dict(), "iterations": 40})  # alone, pseudo-labels would wait for step 8
+    events = []
+    extended = train(tiny_case(), CLASSES, longer, resume=tmp_path, progress=events.append)
+    history = extended.metadata["history"]
+    assert history[:len(finished.metadata["history"])] == finished.metadata["history"]
+    assert [h["step"] for h in history][-3:] == [20, 30, 39] and "pseudo" in history[-3]
+    assert extended.metadata["training"]["resumed_from_step"] == 12 and events[-1]["step"] == 40
+    assert not torch.equal(extended.network.state_dict()["head.weight"], finished.network.state_dict()["head.weight"])
+    from pscv.learn.training import poly_learning_rate
+
+    assert poly_learning_rate(longer, 12) == pytest.approx(0.05 * (1 - 12 / 40) ** 0.9)  # where it goes on
+    with pytest.raises(PSCVError, match="has done 12 iterations already; to extend the run give a larger total"):
+        train(tiny_case(), CLASSES, settings, resume=tmp_path)
 
 
 def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(stopped_run):
@@ -236,6 +256,18 @@ def test_ctrl_c_writes_a_checkpoint_that_the_command_line_resumes_or_refuses(tmp
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "network widths [8, 16, 32] in the checkpoint, [8, 16, 64] here" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_the_command_line_extends_a_finished_run(tmp_path):
+    dataset = write_dataset(tmp_path / "data", alike=False)
+    out = tmp_path / "model"
+    pscv("train", dataset, "--out", out, *settings_arguments({**RESUMED, "iterations": 6}), "--quiet")
+    extended = pscv("train", dataset, "--out", out, "--resume", out, "--iterations", "10", "--device", "cpu")
+    assert "resumed from" in extended.stderr and "[train] 10/10" in extended.stderr
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["settings"]["iterations"] == 10 and card["training"]["resumed_from_step"] == 6
+    again = pscv("train", dataset, "--out", out, "--resume", out, "--iterations", "10", "--device", "cpu", check=False)
+    assert again.returncode == 2 and "has done 10 iterations already" in again.stderr
 
 
 def test_shards_are_disjoint_and_cover_every_slice():

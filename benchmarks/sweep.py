@@ -29,7 +29,7 @@ def run_one(config: dict, args) -> dict:
     """Train and evaluate one configuration in this process."""
     import torch
 
-    from pscv.data.classes import ACDC_CLASSES as classes
+    from pscv.data.classes import ACDC_CLASSES
     from pscv.data.metrics import evaluate_case, mean_scores
     from pscv.learn.inference import evaluate_cases
     from pscv.learn.single_case import case_settings, segment_case
@@ -37,7 +37,14 @@ def run_one(config: dict, args) -> dict:
     from pscv.research.bench import grow_from_seeds, load_cases
 
     torch.set_num_threads(args.threads)
-    val_cases = load_cases(Path(args.data), "val", 0)
+    classes = ACDC_CLASSES
+    if args.train_dataset:  # any two dataset folders (pscv prepare), e.g. another cohort
+        from pscv.research.bench import load_dataset_cases
+
+        classes, train_cases = load_dataset_cases(args.train_dataset, labels_needed=False)
+        _, val_cases = load_dataset_cases(args.val_dataset, labels_needed=True)
+    else:
+        val_cases = load_cases(Path(args.data), "val", 0)
     last = [0.0]
 
     def progress(event):  # a line every 30 s on stderr (the run's log)
@@ -49,7 +56,8 @@ def run_one(config: dict, args) -> dict:
     settings = {"device": args.device, **config["settings"]}
     started = time.monotonic()
     if args.mode == "cohort":
-        train_cases = load_cases(Path(args.data), "train", 0)
+        if not args.train_dataset:
+            train_cases = load_cases(Path(args.data), "train", 0)
         model = train(train_cases, classes, TrainSettings.from_dict(settings), progress)
         result = evaluate_cases(model, val_cases, args.device)
         scores = result["scores"]
@@ -77,6 +85,9 @@ def main():
     parser.add_argument("configs")
     parser.add_argument("--out", default="runs/sweep")
     parser.add_argument("--data", default="../shared/data/acdc")
+    parser.add_argument("--train-dataset", help="cohort mode on dataset folders (pscv prepare) instead of ACDC: "
+                        "train on this one...")
+    parser.add_argument("--val-dataset", help="...and evaluate on the labelled cases of this one")
     parser.add_argument("--mode", choices=["cohort", "single"], default="cohort")
     parser.add_argument("--single-cases", type=int, default=4)
     parser.add_argument("--device", default="auto")
@@ -115,8 +126,10 @@ def main():
         if args.deadline and time.monotonic() - started > args.deadline:
             print(f"SKIPPED {config['name']} seed {config['settings']['seed']}: past the deadline", flush=True)
             return
+        datasets = ["--train-dataset", args.train_dataset, "--val-dataset", args.val_dataset] \
+            if args.train_dataset else []
         command = [sys.executable, __file__, args.configs, "--one", json.dumps(config), "--mode", args.mode,
-                   "--device", args.device, "--data", args.data,
+                   "--device", args.device, "--data", args.data, *datasets,
                    "--threads", str(args.threads), "--single-cases", str(args.single_cases)]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         log = out / "logs" / f"{config['name']}-seed{config['settings']['seed']}.log"

@@ -234,12 +234,16 @@ def _run_segment_on_server(args, volume, classes):
 
 
 def _add_train(subparsers):
+    from .learn.budgets import COHORT_CPU_BUDGET, COHORT_GPU_BUDGET, describe
+
     parser = subparsers.add_parser(
         "train", help="train a model on a dataset folder",
         description="Train on a dataset folder: DATASET/classes.json, DATASET/images/<case>"
         f"{'|'.join(IMAGE_SUFFIXES)}, DATASET/points/<case>.mrk.json (and DATASET/labels/<case>.* for --method "
         "full). The model folder gets model.safetensors, model.json and model_card.json (classes, settings, data, "
-        "device, time, validation Dice).")
+        "device, time, validation Dice). Iterations, image size and batch size left out follow the device: on a "
+        f"CPU {describe(COHORT_CPU_BUDGET)} (tens of minutes on 2 cores), on a GPU the paper profile, "
+        f"{describe(COHORT_GPU_BUDGET)}; give --iterations, --image-size, --batch-size to choose.")
     parser.add_argument("dataset", help="the dataset folder")
     parser.add_argument("--out", required=True, help="folder to write the model to (model.safetensors + model.json)")
     parser.add_argument("--val", metavar="DATASET", help="a dataset folder with labels/ (same classes): the model's "
@@ -255,24 +259,44 @@ def _add_train(subparsers):
                        "variance loss see the global batch. Started by torchrun yourself (several machines), "
                        "pscv train finds the processes without --nproc")
     group.add_argument("--checkpoint-every", type=int, default=1000, metavar="K",
-                       help="write OUT/checkpoint.safetensors every K steps (default 1000; 0: never) and when Ctrl+C "
-                       "or SIGTERM stops the run; removed once the model is saved")
+                       help="write OUT/checkpoint.safetensors every K steps (default 1000; 0: never), when Ctrl+C "
+                       "or SIGTERM stops the run, and at its end: the finished run's state (weights, optimiser, EMA "
+                       "teacher, random states; about 3x the model's size) stays beside the model so that --resume "
+                       "can extend it; delete it if you will not")
     group.add_argument("--resume", metavar="CHECKPOINT",
-                       help="continue an interrupted run from its checkpoint (the file, or the OUT folder holding "
-                       "it): same data set, classes and number of processes; settings left out are the checkpoint's")
+                       help="continue a run from its checkpoint (the file, or the OUT folder holding it): same data "
+                       "set, classes and number of processes; settings left out are the checkpoint's. An "
+                       "interrupted run ends where it would have; with --iterations N above the checkpoint's step, "
+                       "a finished or shortened run goes on to N iterations in all: the learning rate then follows "
+                       "the poly schedule of an N-iteration run from that step (it rises again after the end of a "
+                       "shorter schedule and decays to 0 at step N), pseudo-labels that had started go on")
     parser.set_defaults(run=_run_train)
 
 
 def _train_settings(args):
-    """TrainSettings from the command line; with --resume, those of the checkpoint for options left out."""
-    from .learn.training import TrainSettings
+    """TrainSettings from the command line: the device's budget for iterations, image size and batch size left
+    out (`training.cohort_budget`); with --resume, the checkpoint's settings for options left out."""
+    from .learn.training import TrainSettings, cohort_settings
 
     overrides = _settings_overrides(args)
     if args.resume:
         from .learn.checkpoints import read_state
 
-        overrides = {**read_state(args.resume)["run"]["settings"], **overrides}
-    return TrainSettings.from_dict(overrides)
+        return TrainSettings.from_dict({**read_state(args.resume)["run"]["settings"], **overrides})
+    return cohort_settings(**overrides)
+
+
+def _budget_note(args, settings) -> str:
+    """What chose the run's length: the checkpoint, the device's budget, or the command line."""
+    from .learn.budgets import COHORT_CPU_BUDGET
+    from .learn.training import cohort_budget
+
+    if args.resume:
+        return f" (resumed from {args.resume})"
+    if all(getattr(args, key) is not None for key in ("iterations", "image_size", "batch_size")):
+        return ""
+    which = "CPU" if cohort_budget(settings.device) == COHORT_CPU_BUDGET else "GPU"
+    return f" (the {which} budget for what the command line left out; --iterations etc. to change it)"
 
 
 def _stop_on_signals():
@@ -366,6 +390,7 @@ def _run_train(args):
 
     from .base.progress import Cancelled
     from .data.dataset import load_training_cases
+    from .learn.budgets import describe
     from .learn.checkpoints import CHECKPOINT
     from .learn.inference import evaluate_model
     from .learn.models import save_model
@@ -380,15 +405,16 @@ def _run_train(args):
     if processes.main:
         together = f" in {processes.size} processes (global batch {settings.batch_size * processes.size})" \
             if processes.size > 1 else ""
-        print(f"training {settings.method} on {len(cases)} cases, {settings.iterations} iterations{together}",
-              file=sys.stderr)
+        print(f"training {settings.method} on {len(cases)} cases: {describe(settings.to_dict())}{together}"
+              f"{_budget_note(args, settings)}", file=sys.stderr)
         if checkpoint.is_file() and not args.resume:
-            print(f"pscv train: {checkpoint} (an interrupted run) will be replaced; --resume {checkpoint} would "
-                  "continue it", file=sys.stderr)
+            print(f"pscv train: {checkpoint} (the state of an earlier run) will be replaced; --resume {args.out} "
+                  "would continue it", file=sys.stderr)
     should_stop, restore_signals = _stop_on_signals()
     try:
         model = train(cases, classes, settings, progress=ConsoleProgress(quiet=args.quiet), should_stop=should_stop,
-                      checkpoint_dir=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume)
+                      checkpoint_dir=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                      final_checkpoint=args.checkpoint_every > 0)
     except Cancelled as stop:
         if processes.main:
             options = (f" --nproc {processes.size}" if processes.size > 1 else "") + \
@@ -402,8 +428,7 @@ def _run_train(args):
         return 0
     if args.val:
         model.metadata["validation"] = evaluate_model(model, args.val, settings.device)
-    save_model(model, args.out)
-    checkpoint.unlink(missing_ok=True)  # the model replaces the run's checkpoint
+    save_model(model, args.out)  # the run's final state stays in checkpoint.safetensors: --resume extends it
     info = model.metadata["training"]
     validation = model.metadata.get("validation")
     print(f"wrote {args.out} ({info['slices']} slices, {info['clicks']} clicks, {info['seconds']:.0f} s on "
@@ -570,37 +595,54 @@ def _run_prepare_acdc(args):
 
 def _add_bench(subparsers):
     parser = subparsers.add_parser(
-        "bench", help="the ACDC benchmark: pce, ms, pscv and full, and the single-case mode vs Grow from seeds",
-        description="Train every method with the same clicks and seed on the ACDC train patients, evaluate on the "
-        "val patients, and compare the single-case mode with Grow from seeds on some val volumes. Writes a "
-        "Markdown table, a JSON file and a picture to --out.")
-    parser.add_argument("dataset", choices=["acdc"], help="the benchmark (only acdc)")
+        "bench", help="benchmarks: the recipes on ACDC (and the single-case mode vs Grow from seeds), or on any "
+        "two dataset folders",
+        description="acdc: train every recipe with the same clicks and seed on the ACDC train patients, evaluate on "
+        "the val patients, and compare the single-case mode with Grow from seeds on some val volumes. cohort: the "
+        "same recipes trained on the dataset folder --train and evaluated on the labelled cases of --val (e.g. two "
+        "splits that pscv prepare wrote from a labelled cohort: one random click per class present per slice, "
+        "background included, fixed seed; HD95 in mm). Writes a Markdown table (Dice and HD95 per class), a JSON "
+        "file and a picture to --out.")
+    parser.add_argument("dataset", choices=["acdc", "cohort"], help="the benchmark")
     parser.add_argument("--profile", choices=["quick", "paper"], default="quick",
-                        help="quick: 128 px, short training, for 2 CPU cores (< 45 min); paper: 256 px, "
-                        "tens of thousands of iterations, for a GPU")
-    parser.add_argument("--data", default="../shared/data/acdc", help="the ACDC folder (volumes/, *_patients.txt)")
-    parser.add_argument("--out", default="runs/bench-acdc", help="folder for the results")
-    parser.add_argument("--methods", default="pce,ms,pscv,pce+aff+pl,full",
-                        help="comma-separated recipes to train: pce, ms, pscv (plain losses), pce+aff+pl (the "
-                        "default: pCE + affinity + pseudo-labels), pscv+aff+pl, full; or none (only the "
-                        "single-case comparison and the report of what --out already holds)")
+                        help="quick: 128 px, 1000 iterations, batch 12, for 2 CPU cores; paper: 256 px, 30000 "
+                        "iterations, batch 12, for a GPU")
+    parser.add_argument("--data", default="../shared/data/acdc", help="acdc: the ACDC folder (volumes/, "
+                        "*_patients.txt)")
+    parser.add_argument("--train", metavar="DATASET", help="cohort: the dataset folder to train on (points/; "
+                        "labels/ for full)")
+    parser.add_argument("--val", metavar="DATASET", help="cohort: the dataset folder to evaluate on (labels/)")
+    parser.add_argument("--out", help="folder for the results (default runs/bench-acdc or runs/bench-cohort)")
+    parser.add_argument("--methods", help="comma-separated recipes to train: default (what pscv train does), "
+                        "pce, ms, pscv (plain losses), pce+aff+pl (the earlier default: pCE + affinity + "
+                        "pseudo-labels), pscv+aff+pl, pscv+default, full; or none (only the single-case comparison "
+                        "and the report of what --out already holds). Default: pce,ms,pscv,pce+aff+pl,default,full "
+                        "for acdc, pce,pscv,default,full for cohort")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="training seed (acdc: also the clicks' seed)")
     parser.add_argument("--iterations", type=int, help="override the profile's iterations")
-    parser.add_argument("--single-case-volumes", type=int, help="val volumes for the single-case comparison")
+    parser.add_argument("--single-case-volumes", type=int, help="acdc: val volumes for the single-case comparison")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a training setting for every method, e.g. --set cv_weight=0.05")
     parser.set_defaults(run=_run_bench)
 
 
 def _run_bench(args):
-    from .research.bench import run_acdc_benchmark
+    from .research.bench import COHORT_RECIPES, DEFAULT_RECIPES, run_acdc_benchmark, run_cohort_benchmark
 
     overrides = _parse_set(args.set)
-    methods = [] if args.methods == "none" else [m.strip() for m in args.methods.split(",") if m.strip()]
-    run_acdc_benchmark(args.data, args.out, profile=args.profile, methods=methods, device=args.device, seed=args.seed,
-                       iterations=args.iterations, single_case_volumes=args.single_case_volumes,
-                       overrides=overrides, progress=ConsoleProgress(), command="pscv " + " ".join(sys.argv[1:]))
+    chosen = args.methods or ",".join(DEFAULT_RECIPES if args.dataset == "acdc" else COHORT_RECIPES)
+    methods = [] if chosen == "none" else [m.strip() for m in chosen.split(",") if m.strip()]
+    common = dict(profile=args.profile, methods=methods, device=args.device, seed=args.seed,
+                  iterations=args.iterations, overrides=overrides, progress=ConsoleProgress(),
+                  command="pscv " + " ".join(sys.argv[1:]))
+    if args.dataset == "acdc":
+        return run_acdc_benchmark(args.data, args.out or "runs/bench-acdc",
+                                  single_case_volumes=args.single_case_volumes, **common)
+    if not (args.train and args.val):
+        raise PSCVError("bench cohort needs --train DATASET and --val DATASET (dataset folders, e.g. from pscv "
+                        "prepare)")
+    run_cohort_benchmark(args.train, args.val, args.out or "runs/bench-cohort", **common)
 
 
 def _add_export(subparsers):

@@ -210,16 +210,16 @@ def _run_segment(job: Job, events: Events, should_stop) -> None:
 def _run_train(job: Job, events: Events, should_stop) -> None:
     from ..data.classes import read_classes
     from ..data.dataset import load_training_cases
-    from ..learn.training import TrainSettings
+    from ..learn.training import TrainSettings, cohort_settings
 
     method = job.settings.get("method", TrainSettings.method)
     classes, cases = load_training_cases(job.inputs["dataset"], method)
     if "classes" in job.inputs:
         classes = read_classes(job.inputs["classes"])
+    overrides = {k: v for k, v in job.settings.items() if k != "device"}
 
-    def make_settings(device, batch_size):
-        return TrainSettings.from_dict({**job.settings, "device": device,
-                                        **({"batch_size": batch_size} if batch_size else {})})
+    def make_settings(device, batch_size):  # iterations, image and batch size left out: the device's budget
+        return cohort_settings(device, **{**overrides, **({"batch_size": batch_size} if batch_size else {})})
 
     model = _train(job, events, should_stop, cases, classes, make_settings)
     _check_stop(should_stop)

@@ -1,5 +1,6 @@
-"""Augmentation of a training batch: images (B, 1, S, S), clicks (B, S, S) with IGNORE where unclicked,
-dense labels (B, S, S) or None, all transformed alike.
+"""Augmentation of a training batch, its images, clicks and dense labels transformed alike.
+
+Images (B, 1, S, S), clicks (B, S, S) with IGNORE where unclicked, dense labels (B, S, S) or None.
 
 - `flip_batch`: one random flip / 90-degree turn for the whole batch (the images stay aligned with each
   other). It makes a left organ look like a right one.

@@ -1,13 +1,14 @@
 """Training checkpoints: all an interrupted run needs to go on exactly where it stopped.
 
 One file, `checkpoint.safetensors` in the run's output folder, written atomically (a reader never sees
-half of one) by the main process. Tensors are stored with safetensors: the network's weights and
-batch-norm statistics (`network.*`), the EMA teacher's (`teacher.*`), the optimiser's momentum
-(`optimizer.<parameter>.<name>`), and every process's random-generator states (`random.<rank>.<name>`:
-`sampling` (which slices), `augment` (the batch-wide flip/turn, when it is a generator of its own),
-`torch` (dropout on the CPU), `cuda` (dropout on the GPU)). Everything else is JSON in the safetensors
-header: step, settings, classes, network shape, number of processes, data set size, loss history and
-the seconds spent so far. Loading executes no code.
+half of one) by the main process: every few steps, when the run is stopped, and at its end (what
+`--resume` with a larger `--iterations` needs to extend a finished run). Tensors are stored with
+safetensors: the network's weights and batch-norm statistics (`network.*`), the EMA teacher's
+(`teacher.*`), the optimiser's momentum (`optimizer.<parameter>.<name>`), and every process's random-
+generator states (`random.<rank>.<name>`: `sampling` (which slices), `augment` (the batch-wide flip/turn,
+when it is a generator of its own), `torch` (dropout on the CPU), `cuda` (dropout on the GPU)). Everything
+else is JSON in the safetensors header: step, settings, classes, network shape, number of processes, data
+set size, loss history and the seconds spent so far. Loading executes no code.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from .. import PSCVError, __version__
 FORMAT = "pscv-checkpoint/1"
 CHECKPOINT = "checkpoint.safetensors"
 SHAPE_SETTINGS = ("widths", "dropout", "image_size")  # compared as part of the network shape
+# A checkpoint may be resumed to another total number of iterations (a finished run extended, a long one cut)
+# as long as it lies beyond the checkpoint's step: `check_extension`.
+FREE_SETTINGS = ("iterations",)
 
 
 def checkpoint_file(path: str | Path) -> Path:
@@ -89,7 +93,7 @@ def check_compatible(path, found: dict, expected: dict) -> None:
     differences = []
     if found.get("classes") != expected["classes"]:
         differences.append(f"classes {found.get('classes')} in the checkpoint, {expected['classes']} here")
-    for group, skip in (("network", ()), ("settings", SHAPE_SETTINGS)):
+    for group, skip in (("network", ()), ("settings", SHAPE_SETTINGS + FREE_SETTINGS)):
         theirs, ours = found.get(group) or {}, expected[group]
         for key in sorted(set(theirs) | set(ours)):
             if key not in skip and theirs.get(key) != ours.get(key):
@@ -105,6 +109,13 @@ def check_compatible(path, found: dict, expected: dict) -> None:
         raise PSCVError(f"{path}: cannot resume from this checkpoint, it was written for another run: "
                         f"{'; '.join(differences)}. Resume with the data set, classes and settings it was written "
                         "with, or start a new run without --resume")
+
+
+def check_extension(path, step: int, iterations: int) -> None:
+    """A run resumed from `step` must have steps left to do: `iterations` (the new total) above it."""
+    if iterations <= step:
+        raise PSCVError(f"{path}: the checkpoint has done {step} iterations already; to extend the run give a larger "
+                        f"total (e.g. --iterations {max(2 * step, step + 1000)}); its model is the one saved beside it")
 
 
 def training_tensors(network, optimizer, teacher, random_states: list[dict]) -> dict:

@@ -8,6 +8,7 @@ from ..data.classes import ClassInfo
 from ..data.clicks import Clicks
 from ..data.dataset import Case
 from ..data.volumes import Volume
+from .budgets import CASE_CPU_BUDGET, CASE_GPU_BUDGET
 from .devices import resolve_device
 from .inference import predict_volume
 from .models import Model
@@ -17,10 +18,9 @@ from .training import TrainSettings, train
 # a strong affinity term, pseudo-labels, a higher learning rate for the short schedule.
 CASE_DEFAULTS = {"method": "pce", "roi_margin": 0.5, "affinity_weight": 3.0, "pseudo_weight": 1.0,
                  "learning_rate": 0.03}
-# The default budget: about a minute of training on 2 CPU cores for a 10-slice 256x216 volume; a GPU
-# affords the full-resolution network and many more iterations in less time.
-CPU_BUDGET = {"iterations": 300, "image_size": 128, "batch_size": 8}
-GPU_BUDGET = {"iterations": 2000, "image_size": 256, "batch_size": 12}
+# The default budget (pscv.learn.budgets): about a minute of training on 2 CPU cores for a 10-slice 256x216
+# volume; a GPU affords the full-resolution network and many more iterations in less time.
+CPU_BUDGET, GPU_BUDGET = CASE_CPU_BUDGET, CASE_GPU_BUDGET
 
 
 def case_settings(device: str = "auto", **overrides) -> TrainSettings:

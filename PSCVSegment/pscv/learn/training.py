@@ -38,7 +38,8 @@ from ..data.dataset import Case
 from ..data.intensity import DEFAULT_NORMALIZATION, normalize
 from . import checkpoints, distributed
 from .augmentation import affine_batch, flip_batch
-from .devices import uses_bfloat16
+from .budgets import COHORT_CPU_BUDGET, COHORT_GPU_BUDGET
+from .devices import resolve_device, uses_bfloat16
 from .distributed import gather_batch
 from .losses import (
     IGNORE,
@@ -147,6 +148,17 @@ class TrainSettings:
         data = asdict(self)
         data["widths"], data["dropout"] = list(self.widths), list(self.dropout)
         return data
+
+
+def cohort_budget(device: str = "auto") -> dict:
+    """The iterations, image size and batch size of a cohort run on this device when the user gives none
+    (`pscv train`, train jobs): `budgets.COHORT_CPU_BUDGET` on a CPU, `COHORT_GPU_BUDGET` on GPUs and Apple MPS."""
+    return dict(COHORT_CPU_BUDGET if resolve_device(device).type == "cpu" else COHORT_GPU_BUDGET)
+
+
+def cohort_settings(device: str = "auto", **overrides) -> TrainSettings:
+    """Training settings for a cohort: the device's budget (`cohort_budget`), then the caller's overrides."""
+    return TrainSettings.from_dict({**cohort_budget(device), "device": device, **overrides})
 
 
 @dataclass
@@ -335,6 +347,7 @@ class TrainingRun:
     synchronised: bool  # SyncBatchNorm across the processes
     history: list = field(default_factory=list)
     first_step: int = 0
+    pseudo_from: int = 0  # the step from which the EMA teacher's pseudo-labels join the loss
     seconds_before: float = 0.0  # spent by the runs this one resumes
     started: float = 0.0
 
@@ -353,16 +366,19 @@ class TrainingRun:
 
 def train(cases: list[Case], classes: list[ClassInfo], settings: TrainSettings | None = None,
           progress=None, should_stop=None, initial: Model | None = None, checkpoint_dir=None,
-          checkpoint_every: int = 0, resume=None) -> Model:
+          checkpoint_every: int = 0, resume=None, final_checkpoint: bool = False) -> Model:
     """Train a U-Net on the cases' clicks (or labels for `full`); returns the model with its metadata.
 
     `initial`: start from this model's weights (fine-tuning); its network shape must match the settings.
 
-    `checkpoint_dir`: write `checkpoint.safetensors` there every `checkpoint_every` steps (0: never) and when
-    `should_stop` stops the run (the last one stays; `pscv train` removes it once the model is saved).
+    `checkpoint_dir`: write `checkpoint.safetensors` there every `checkpoint_every` steps (0: never), when
+    `should_stop` stops the run, and, with `final_checkpoint`, at its end (what extending the run needs).
     `resume`: such a checkpoint (or its folder), written for the same data, classes and settings (the device
     may differ): training goes on from its step with its weights, optimiser and random states, and ends where
-    the uninterrupted run would.
+    the uninterrupted run would. `settings.iterations` may differ from the checkpoint's if it lies beyond the
+    checkpoint's step: a finished (or cut) run is then extended to that total; the learning rate goes on as
+    the poly schedule of that total does from that step (so it rises again after the end of a shorter
+    schedule and decays to 0 at the new end), and pseudo-labels that had started go on.
 
     Started by torchrun (`pscv.learn.distributed`), every process calls this with the same arguments: each draws
     `batch_size` slices a step from its own shard (global batch: batch_size x processes), gradients are
@@ -398,6 +414,8 @@ def train(cases: list[Case], classes: list[ClassInfo], settings: TrainSettings |
             raise
         if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < settings.iterations:
             save_checkpoint(run, checkpoint_dir, step + 1)
+    if final_checkpoint:
+        save_checkpoint(run, checkpoint_dir, settings.iterations)
     return finish_model(run, classes, len(cases), resumed=resume is not None)
 
 
@@ -443,7 +461,8 @@ def setup_run(cases, classes, settings: TrainSettings, progress=None, should_sto
     batch_size = min(settings.batch_size, len(data.images)) if settings.method == "full" else settings.batch_size
     description = checkpoints.run_description(classes, network_shape, settings.to_dict(), processes.size, totals)
     return TrainingRun(settings, processes, device, generator, augmenter, data, totals, network_shape, network,
-                       network, optimizer, teacher, batch_size, description, synchronised)
+                       network, optimizer, teacher, batch_size, description, synchronised,
+                       pseudo_from=int(settings.pseudo_start * settings.iterations))
 
 
 def restore_run(run: TrainingRun, resume) -> None:
@@ -455,6 +474,10 @@ def restore_run(run: TrainingRun, resume) -> None:
     randoms = checkpoints.restore(resume, tensors, state, run.network, run.optimizer, run.teacher, run.processes.rank)
     checkpoints.set_random_states(randoms, run.generator, run.augmenter, run.device)
     run.history, run.first_step, run.seconds_before = state["history"], state["step"], state["seconds"]
+    checkpoints.check_extension(resume, run.first_step, run.settings.iterations)
+    # Extended (or shortened): pseudo-labels that had started in the resumed run go on.
+    earlier = int(run.settings.pseudo_start * state["run"]["settings"].get("iterations", run.settings.iterations))
+    run.pseudo_from = min(run.pseudo_from, max(earlier, 0))
 
 
 def draw_batch(run: TrainingRun):
@@ -486,7 +509,7 @@ def train_step(run: TrainingRun, step: int):
     with torch.autocast(device_type=run.device.type, dtype=torch.bfloat16, enabled=run.bfloat16):
         logits, auxiliary_logits = run.forward(images, auxiliary=True) if auxiliary else (run.forward(images), None)
         teacher_probabilities = None
-        if run.teacher is not None and step >= int(settings.pseudo_start * settings.iterations):
+        if run.teacher is not None and step >= run.pseudo_from:
             with torch.no_grad():
                 teacher_probabilities = run.teacher(images).float().softmax(dim=1)
     terms = loss_terms(logits, images, sparse, dense, present, settings, step, teacher_probabilities,

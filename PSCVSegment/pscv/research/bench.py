@@ -1,12 +1,18 @@
-"""`pscv bench acdc`: the methods side by side on the paper's own data set.
+"""`pscv bench acdc` and `pscv bench cohort`: the recipes side by side on a cohort.
 
-Every method trains with the same simulated clicks (those `pscv prepare-acdc` writes) and seed on the
-ACDC train patients and is evaluated on the val patients (Dice and HD95 per class on the native grid;
+`acdc`: every recipe trains with the same simulated clicks (those `pscv prepare-acdc` writes) and seed on
+the ACDC train patients and is evaluated on the val patients (Dice and HD95 per class on the native grid;
 ACDC stores no spacing, so HD95 is in voxels). Then the single-case mode (train on one volume's own
 clicks, every slice clicked) runs on some val volumes beside 3D Slicer's Grow from seeds (FastGrowCut,
-PyPI `itk-growcut`) given the very same clicks. Results: `results.md` (tables), `results.json`,
-`figure.png`; each method's scores are kept in `methods/<method>.json` so methods can run in separate
-processes and be reported together.
+PyPI `itk-growcut`) given the very same clicks.
+
+`cohort`: the same recipes on any two dataset folders, one to train on (its points, and its labels for
+`full`) and one to evaluate on (its labels), such as `pscv prepare` writes from a labelled cohort (one random
+click per class present per slice, background included, fixed seed: the protocol of the ACDC benchmark).
+HD95 is in mm, through the images' spacing.
+
+Results: `results.md` (tables), `results.json`, `figure.png`; each recipe's scores are kept in
+`methods/<recipe>.json` so recipes can run in separate processes and be reported together.
 """
 
 from __future__ import annotations
@@ -22,17 +28,21 @@ from .. import PSCVError, __version__
 from ..base.atomic import write_text_atomic
 from ..data.classes import ACDC_CLASSES
 
-# What each row of the table trains: the plain losses, the default recipe (pCE + affinity + pseudo-labels)
-# and the paper's loss with the same two terms.
+# What each row of the table trains: the plain losses, the earlier default (pCE + affinity + pseudo-labels),
+# the paper's loss with the same two terms, `default` (whatever `pscv train` does by default) and dense labels.
+PLAIN = {"affinity_weight": 0.0, "pseudo_weight": 0.0, "crf_weight": 0.0, "dmpls_weight": 0.0}  # no extra term
 RECIPES = {
-    "pce": {"method": "pce", "affinity_weight": 0.0, "pseudo_weight": 0.0},
-    "ms": {"method": "ms", "affinity_weight": 0.0, "pseudo_weight": 0.0},
-    "pscv": {"method": "pscv", "affinity_weight": 0.0, "pseudo_weight": 0.0},
-    "pce+aff+pl": {"method": "pce", "affinity_weight": 1.0, "pseudo_weight": 1.0},
-    "pscv+aff+pl": {"method": "pscv", "affinity_weight": 1.0, "pseudo_weight": 1.0},
+    "default": {},
+    "pce": {"method": "pce", **PLAIN},
+    "ms": {"method": "ms", **PLAIN},
+    "pscv": {"method": "pscv", **PLAIN},
+    "pce+aff+pl": {"method": "pce", **PLAIN, "affinity_weight": 1.0, "pseudo_weight": 1.0},
+    "pscv+aff+pl": {"method": "pscv", **PLAIN, "affinity_weight": 1.0, "pseudo_weight": 1.0},
+    "pscv+default": {"method": "pscv"},
     "full": {"method": "full"},
 }
-DEFAULT_RECIPES = ("pce", "ms", "pscv", "pce+aff+pl", "full")
+DEFAULT_RECIPES = ("pce", "ms", "pscv", "pce+aff+pl", "default", "full")
+COHORT_RECIPES = ("pce", "pscv", "default", "full")
 
 PROFILES = {
     # 2 CPU cores, well inside 45 minutes for everything.
@@ -129,45 +139,61 @@ def run_single_case(cases, classes, device, count, progress=None) -> dict:
     return {"settings": case_settings(device).to_dict(), "cases": rows, "summary": summary}
 
 
+def method_table(results: dict, unit: str) -> list[str]:
+    """One row per recipe: Dice and HD95 per class, their means, time and speed."""
+    names = [n for n in next(iter(results.values()))["scores"] if n != "mean"]
+    lines = ["| method | " + " | ".join(f"Dice {n}" for n in names) + " | mean Dice | " +
+             " | ".join(f"HD95 {n}" for n in names) + f" | mean HD95 ({unit}) | training s | train images/s | "
+             "inference s/volume |", "|" + "---|" * (2 * len(names) + 6)]
+    for method, result in results.items():
+        scores = result["scores"]
+        lines.append(f"| {method} | " + " | ".join(f"{scores[n]['dice']:.4f}" for n in names) +
+                     f" | **{scores['mean']['dice']:.4f}** | " + " | ".join(f"{scores[n]['hd95']:.2f}" for n in names) +
+                     f" | {scores['mean']['hd95']:.2f} | {result['training']['seconds']:.0f} | "
+                     f"{result['training']['images_per_second']:.1f} | {result['inference_seconds_per_volume']:.3f} |")
+    return lines
+
+
 def markdown_report(results: dict, single: dict | None, header: dict) -> str:
-    lines = [f"# ACDC benchmark ({header['profile']} profile)", "",
+    unit = header.get("hd95_unit", "voxels")
+    lines = [f"# {header.get('name', 'ACDC')} benchmark ({header['profile']} profile)", "",
              f"- date: {header['date']}", f"- machine: {header['machine']}", f"- command: `{header['command']}`",
-             f"- engine: pscv {__version__}; train patients {header['train_cases']} volumes, val "
-             f"{header['val_cases']} volumes; clicks: one per class present per slice (seed {header['seed']})", "",
-             "HD95 in voxels (ACDC stores no spacing).", ""]
+             f"- engine: pscv {__version__}; train {header['train_cases']} volumes, val {header['val_cases']} "
+             f"volumes; clicks: {header.get('clicks', 'one per class present per slice (seed 0)')}; training seed "
+             f"{header['seed']}", "",
+             "HD95 in voxels (ACDC stores no spacing)." if unit == "voxels" else "HD95 in mm (the images' spacing).",
+             ""]
     if results:
-        names = [n for n in next(iter(results.values()))["scores"] if n != "mean"]
-        lines.append("| method | " + " | ".join(f"Dice {n}" for n in names) +
-                     " | mean Dice | mean HD95 | training s | train images/s | inference s/volume |")
-        lines.append("|" + "---|" * (len(names) + 6))
-        for method, result in results.items():
-            scores = result["scores"]
-            lines.append(f"| {method} | " + " | ".join(f"{scores[n]['dice']:.4f}" for n in names) +
-                         f" | **{scores['mean']['dice']:.4f}** | {scores['mean']['hd95']:.2f} | "
-                         f"{result['training']['seconds']:.0f} | {result['training']['images_per_second']:.1f} | "
-                         f"{result['inference_seconds_per_volume']:.3f} |")
-        lines += ["", "Recipes: pce, ms, pscv = the plain losses (pscv: pCE + contrastive variance, lambda "
-                  f"{next(iter(results.values()))['settings']['cv_weight']}); +aff+pl = with the affinity (CRF-like) "
-                  "and EMA pseudo-label terms; full = dense labels (upper bound)."]
+        lines += method_table(results, unit)
+        weight = next(iter(results.values()))["settings"]["cv_weight"]
+        lines += ["", "Recipes: default = what `pscv train` does by default; pce, ms, pscv = the plain losses "
+                  f"(pscv: pCE + contrastive variance, lambda {weight}); "
+                  "+aff+pl = with the affinity (CRF-like) and EMA pseudo-label terms; pscv+default = the default "
+                  "recipe with the contrastive variance term; full = dense labels (upper bound)."]
     if single:
-        settings = single["settings"]
-        lines += ["", f"## Single-case mode vs Grow from seeds ({len(single['cases'])} val volumes, every slice "
-                  f"clicked; default budget {settings['iterations']} iterations at {settings['image_size']} px, "
-                  f"{settings['method']} + affinity {settings['affinity_weight']} + pseudo-labels "
-                  f"{settings['pseudo_weight']}, region margin {settings['roi_margin']})", "",
-                  "| case | clicks | pscv segment Dice | pscv segment s | Grow from seeds Dice | Grow from seeds s |",
-                  "|---|---|---|---|---|---|"]
-        for row in single["cases"]:
-            growcut = row.get("grow_from_seeds")
-            lines.append(f"| {row['case']} | {row['clicks']} | {row['pscv']['mean']['dice']:.4f} | "
-                         f"{row['pscv_seconds']:.1f} | " + (f"{growcut['mean']['dice']:.4f} | "
-                         f"{row['grow_from_seeds_seconds']:.1f} |" if growcut else "not measured | |"))
-        summary = single["summary"]
-        growcut = summary.get("grow_from_seeds")
-        lines.append(f"| **mean** | | **{summary['pscv']['mean']['dice']:.4f}** | {summary['pscv']['seconds']:.1f} | "
-                     + (f"**{growcut['mean']['dice']:.4f}** | {growcut['seconds']:.1f} |" if growcut
-                        else "not measured | |"))
+        lines += single_case_table(single)
     return "\n".join(lines) + "\n"
+
+
+def single_case_table(single: dict) -> list[str]:
+    settings = single["settings"]
+    lines = ["", f"## Single-case mode vs Grow from seeds ({len(single['cases'])} val volumes, every slice "
+             f"clicked; default budget {settings['iterations']} iterations at {settings['image_size']} px, "
+             f"{settings['method']} + affinity {settings['affinity_weight']} + pseudo-labels "
+             f"{settings['pseudo_weight']}, region margin {settings['roi_margin']})", "",
+             "| case | clicks | pscv segment Dice | pscv segment s | Grow from seeds Dice | Grow from seeds s |",
+             "|---|---|---|---|---|---|"]
+    for row in single["cases"]:
+        growcut = row.get("grow_from_seeds")
+        lines.append(f"| {row['case']} | {row['clicks']} | {row['pscv']['mean']['dice']:.4f} | "
+                     f"{row['pscv_seconds']:.1f} | " + (f"{growcut['mean']['dice']:.4f} | "
+                     f"{row['grow_from_seeds_seconds']:.1f} |" if growcut else "not measured | |"))
+    summary = single["summary"]
+    growcut = summary.get("grow_from_seeds")
+    lines.append(f"| **mean** | | **{summary['pscv']['mean']['dice']:.4f}** | {summary['pscv']['seconds']:.1f} | "
+                 + (f"**{growcut['mean']['dice']:.4f}** | {growcut['seconds']:.1f} |" if growcut
+                    else "not measured | |"))
+    return lines
 
 
 def draw_figure(results: dict, val_cases, classes, out: Path, device) -> Path:
@@ -216,31 +242,63 @@ def draw_figure(results: dict, val_cases, classes, out: Path, device) -> Path:
     return path
 
 
+def benchmark_settings(profile, device, seed, iterations, overrides) -> tuple[dict, int]:
+    """(training settings of every recipe, default number of single-case volumes) of a profile."""
+    if profile not in PROFILES:
+        raise PSCVError(f"unknown profile {profile!r}; choose {', '.join(PROFILES)}")
+    profile_settings = dict(PROFILES[profile])
+    count = profile_settings.pop("single_case_volumes")
+    settings = {**profile_settings, "device": device, "seed": seed, **(overrides or {})}
+    if iterations:
+        settings["iterations"] = iterations
+    return settings, count
+
+
+def check_recipes(methods) -> None:
+    unknown = [m for m in methods if m not in RECIPES]
+    if unknown:
+        raise PSCVError(f"unknown method(s) {unknown}; choose from {', '.join(RECIPES)}")
+
+
+def train_recipes(methods, train_cases, val_cases, classes, settings, out: Path, progress=None) -> None:
+    for method in methods:
+        print(f"bench: training {method} ({settings['iterations']} iterations)", flush=True)
+        run_method(method, train_cases, val_cases, classes, settings, out, progress)
+
+
+def write_results(out: Path, header: dict, single, val_cases, classes, device) -> Path:
+    """Every recipe measured in `out` (in a fixed order) and the single-case comparison: results.md, .json and
+    the figure."""
+    results = {}
+    for method in RECIPES:
+        path = out / "methods" / f"{method}.json"
+        if path.is_file():
+            results[method] = json.loads(path.read_text())
+    report = markdown_report(results, single, header)
+    write_text_atomic(out / "results.md", report)
+    write_text_atomic(out / "results.json", json.dumps({"header": header, "methods": results, "single_case": single},
+                                                       indent=1) + "\n")
+    if results:
+        draw_figure(results, val_cases, classes, out, device)
+    print(report)
+    return out / "results.md"
+
+
 def run_acdc_benchmark(data, out, profile="quick", methods=DEFAULT_RECIPES, device="auto", seed=0,
                        iterations=None, single_case_volumes=None, overrides=None, progress=None,
                        command="pscv bench acdc") -> Path:
     from ..learn.devices import resolve_device
 
-    if profile not in PROFILES:
-        raise PSCVError(f"unknown profile {profile!r}; choose {', '.join(PROFILES)}")
-    unknown = [m for m in methods if m not in RECIPES]
-    if unknown:
-        raise PSCVError(f"unknown method(s) {unknown}; choose from {', '.join(RECIPES)}")
+    settings, default_count = benchmark_settings(profile, device, seed, iterations, overrides)
+    check_recipes(methods)
     data, out = Path(data), Path(out)
     if not (data / "volumes").is_dir():
         raise PSCVError(f"{data}: not the ACDC folder (expected volumes/ and *_patients.txt); pass --data")
     resolved = resolve_device(device)
-    profile_settings = dict(PROFILES[profile])
-    default_count = profile_settings.pop("single_case_volumes")
     count = default_count if single_case_volumes is None else single_case_volumes
-    settings = {**profile_settings, "device": device, "seed": seed, **(overrides or {})}
-    if iterations:
-        settings["iterations"] = iterations
     classes = ACDC_CLASSES
     train_cases, val_cases = load_cases(data, "train", seed), load_cases(data, "val", seed)
-    for method in methods:
-        print(f"bench: training {method} ({settings['iterations']} iterations)", flush=True)
-        run_method(method, train_cases, val_cases, classes, settings, out, progress)
+    train_recipes(methods, train_cases, val_cases, classes, settings, out, progress)
     single = None
     if count:
         print(f"bench: single-case mode and Grow from seeds on {count} val volumes", flush=True)
@@ -248,18 +306,43 @@ def run_acdc_benchmark(data, out, profile="quick", methods=DEFAULT_RECIPES, devi
         write_text_atomic(out / "single_case.json", json.dumps(single, indent=1) + "\n")
     elif (out / "single_case.json").is_file():
         single = json.loads((out / "single_case.json").read_text())
-    results = {}
-    for method in RECIPES:  # every recipe measured in this folder, in a fixed order
-        path = out / "methods" / f"{method}.json"
-        if path.is_file():
-            results[method] = json.loads(path.read_text())
-    header = {"profile": profile, "date": time.strftime("%Y-%m-%d"), "machine": machine_description(resolved),
-              "command": command, "train_cases": len(train_cases), "val_cases": len(val_cases), "seed": seed}
-    report = markdown_report(results, single, header)
-    write_text_atomic(out / "results.md", report)
-    write_text_atomic(out / "results.json", json.dumps({"header": header, "methods": results, "single_case": single},
-                                                       indent=1) + "\n")
-    if results:
-        draw_figure(results, val_cases, classes, out, resolved)
-    print(report)
-    return out / "results.md"
+    header = {"name": "ACDC", "profile": profile, "date": time.strftime("%Y-%m-%d"),
+              "machine": machine_description(resolved), "command": command, "train_cases": len(train_cases),
+              "val_cases": len(val_cases), "seed": seed, "hd95_unit": "voxels",
+              "clicks": f"one per class present per slice (seed {seed})"}
+    return write_results(out, header, single, val_cases, classes, resolved)
+
+
+def load_dataset_cases(folder, labels_needed: bool):
+    """(classes, cases) of a dataset folder, each case with its clicks (when it has points) and its labels
+    (when it has a label map); `labels_needed`: only the cases with labels, and at least one."""
+    from ..data.dataset import load_case, read_dataset
+
+    classes, entries = read_dataset(folder)
+    if labels_needed:
+        entries = [e for e in entries if e.labels is not None]
+        if not entries:
+            raise PSCVError(f"{folder}: no labels/<case> files to evaluate on")
+    return classes, [load_case(e, classes, points=e.points is not None, labels=e.labels is not None)
+                     for e in entries]
+
+
+def run_cohort_benchmark(train, val, out, profile="quick", methods=COHORT_RECIPES, device="auto", seed=0,
+                         iterations=None, overrides=None, progress=None, command="pscv bench cohort") -> Path:
+    """The recipes trained on the dataset folder `train` and evaluated on the labelled cases of `val`."""
+    from ..learn.devices import resolve_device
+
+    settings, _ = benchmark_settings(profile, device, seed, iterations, overrides)
+    check_recipes(methods)
+    classes, train_cases = load_dataset_cases(train, labels_needed="full" in methods)
+    val_classes, val_cases = load_dataset_cases(val, labels_needed=True)
+    if [(c.name, c.value) for c in classes] != [(c.name, c.value) for c in val_classes]:
+        raise PSCVError(f"{val}: its classes differ from those of {train}; benchmark on one set of classes")
+    out = Path(out)
+    train_recipes(methods, train_cases, val_cases, classes, settings, out, progress)
+    resolved = resolve_device(device)
+    header = {"name": f"Cohort {Path(train).name} -> {Path(val).name}", "profile": profile,
+              "date": time.strftime("%Y-%m-%d"), "machine": machine_description(resolved), "command": command,
+              "train_cases": len(train_cases), "val_cases": len(val_cases), "seed": seed, "hd95_unit": "mm",
+              "clicks": "those of the train dataset's points/ (pscv prepare: one per class present per slice)"}
+    return write_results(out, header, None, val_cases, classes, resolved)
