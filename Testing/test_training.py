@@ -10,7 +10,6 @@ from pscv.data.clicks import Clicks, simulate_clicks
 from pscv.data.dataset import Case
 from pscv.data.metrics import dice
 from pscv.learn.inference import predict_volume, slice_probabilities
-from pscv.learn.single_case import border_background_clicks, click_region, segment_case
 from pscv.learn.training import TrainSettings, case_tensors, scale_coordinates, train
 
 torch.set_num_threads(2)
@@ -183,40 +182,3 @@ def test_cancel_stops_training_at_the_next_step():
     assert len(steps) <= 5
 
 
-def test_segment_case_reports_progress_and_segments_every_slice():
-    volume, labels = two_organ_volume(slices=6)
-    clicks = simulate_clicks(labels, seed=0)
-    on_two_slices = np.isin(clicks.kji[:, 0], [1, 4])
-    events = []
-    labelmap, model = segment_case(volume, Clicks(clicks.kji[on_two_slices], clicks.values[on_two_slices]), CLASSES,
-                                   TrainSettings(iterations=60, learning_rate=0.05, **TINY), progress=events.append)
-    assert labelmap.shape == labels.shape
-    assert {e["stage"] for e in events} >= {"train", "predict"}
-    train_steps = [e["step"] for e in events if e["stage"] == "train"]
-    assert train_steps == sorted(train_steps) and train_steps[-1] == 60
-    assert dice(labelmap == 1, labels == 1) > 0.6
-    assert model.metadata["training"]["slices"] == 2
-
-
-def test_click_region_grows_the_organ_clicks_box_in_plane_only():
-    volume, labels = two_organ_volume(slices=4, size=48)
-    clicks = Clicks([[0, 10, 12], [3, 20, 30], [1, 2, 2]], [1, 2, 0])  # the background click does not count
-    region = click_region(clicks, volume, margin=0.5)
-    assert region[0] == slice(0, 4)  # every slice
-    # rows 10..20 grown by 8 (the minimum), columns 12..30 by 10 (half of 19, rounded up)
-    assert region[1] == slice(2, 29) and region[2] == slice(2, 41)
-    assert click_region(Clicks([[0, 5, 5]], [0]), volume, 0.5) == tuple(slice(0, n) for n in volume.shape)
-    ring = border_background_clicks((slice(0, 4), slice(0, 9), slice(0, 9)), [1, 3], slice_axis=0, step=4)
-    assert set(ring[:, 0]) == {1, 3} and np.all((ring[:, 1] % 8 == 0) | (ring[:, 2] % 8 == 0))
-
-
-def test_segment_case_with_a_region_keeps_outside_as_background():
-    volume, labels = two_organ_volume(slices=6, size=64)
-    clicks = simulate_clicks(labels, seed=0)
-    settings = TrainSettings(**{**TINY, "iterations": 60, "learning_rate": 0.05, "roi_margin": 0.2})
-    labelmap, _ = segment_case(volume, clicks, CLASSES, settings)
-    region = click_region(clicks, volume, 0.2)
-    outside = np.ones(labels.shape, dtype=bool)
-    outside[region] = False
-    assert outside.any() and not labelmap[outside].any()
-    assert dice(labelmap == 1, labels == 1) > 0.6

@@ -46,6 +46,10 @@ class Clicks:
     def __len__(self) -> int:
         return len(self.values)
 
+    def extended(self, other: Clicks) -> Clicks:
+        """These clicks, then `other`'s."""
+        return Clicks(np.concatenate([self.kji, other.kji]), np.concatenate([self.values, other.values]))
+
 
 def simulate_clicks(labels: np.ndarray, seed: int, slice_axis: int = 0, ignore: tuple = (), clicks_per_class: int = 1,
                     every_nth_slice: int = 1) -> Clicks:
@@ -113,6 +117,25 @@ def write_markups(clicks: Clicks, volume: Volume, classes: list[ClassInfo], path
     from ..base.atomic import write_text_atomic
 
     write_text_atomic(path, json.dumps(markups_document(clicks, volume, classes), indent=2) + "\n")
+
+
+SUGGESTIONS_LIST = "suggested points"
+
+
+def write_suggestions(suggestions: Clicks, volume: Volume, classes: list[ClassInfo], path: str | Path) -> None:
+    """Suggested places to click as one point list of their own (`SUGGESTIONS_LIST`), each point labelled with
+    the class guessed there and a question mark ("LV?"): not clicks until the user moves a point into a class
+    (read as clicks, such a file is refused: its list and labels name no class)."""
+    from ..base.atomic import write_text_atomic
+
+    by_value = {c.value: c for c in classes}
+    document = markups_document(Clicks(suggestions.kji, np.zeros(len(suggestions), dtype=np.int64)), volume,
+                                [ClassInfo(SUGGESTIONS_LIST, 0, (255, 255, 0))])
+    for markup in document["markups"]:
+        markup["name"] = SUGGESTIONS_LIST
+        for point, value in zip(markup["controlPoints"], suggestions.values.tolist()):
+            point["label"] = f"{by_value[value].name}?"
+    write_text_atomic(path, json.dumps(document, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------

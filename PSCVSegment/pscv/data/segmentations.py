@@ -374,6 +374,28 @@ def _on_reference_grid(segmentation: Volume, reference: Volume, path: Path) -> n
     return placed
 
 
+def read_strokes(path: str | Path, classes: list[ClassInfo], reference: Volume):
+    """Painted labels (Paint or Draw in 3D Slicer's Segment Editor) as clicks on `reference`'s grid, one per
+    painted voxel: a `.seg.nrrd` whose segments are named after the classes (a "background" segment paints
+    background), or a label map of class values where 0 is unpainted (so background cannot be painted there).
+    """
+    from .clicks import Clicks
+
+    path = Path(path)
+    if path.name.lower().endswith(SEG_NRRD):  # paint codes 1..K stand for the classes, 0 for unpainted
+        codes = [ClassInfo(c.name, n + 1, c.color, c.terminology) for n, c in enumerate(classes)]
+        painted = _on_reference_grid(read_segmentation_volume(path, codes), reference, path)
+        kji = np.argwhere(painted > 0)
+        values = np.array([c.value for c in classes], dtype=np.int64)[painted[tuple(kji.T)].astype(np.int64) - 1]
+    else:
+        painted = read_segmentation(path, classes, reference)
+        kji = np.argwhere(painted > 0)
+        values = painted[tuple(kji.T)].astype(np.int64)
+    if not len(kji):
+        raise PSCVError(f"{path}: no painted voxel; paint strokes in segments named after the classes")
+    return Clicks(kji.astype(np.int64), values)
+
+
 def segmentation_classes(path: str | Path) -> list[ClassInfo]:
     """The classes a `.seg.nrrd` describes: background plus one class per segment (name, color).
 

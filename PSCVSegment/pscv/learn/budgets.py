@@ -10,7 +10,7 @@ from __future__ import annotations
 # `pscv train` and train jobs (`training.cohort_settings`).
 COHORT_CPU_BUDGET = {"iterations": 1000, "image_size": 128, "batch_size": 12}
 COHORT_GPU_BUDGET = {"iterations": 30000, "image_size": 256, "batch_size": 12}
-# `pscv segment` and segment jobs (`single_case.case_settings`): about a minute of training on 2 CPU cores for
+# The network `pscv segment --save-model` trains (`single_case.model_settings`): about a minute on 2 CPU cores for
 # a 10-slice 256x216 volume.
 CASE_CPU_BUDGET = {"iterations": 300, "image_size": 128, "batch_size": 8}
 CASE_GPU_BUDGET = {"iterations": 2000, "image_size": 256, "batch_size": 12}

@@ -106,7 +106,6 @@ class TrainSettings:
     # (their pCE averaged) and, with this weight, from Dice to the argmax of a random mix of the two
     dmpls_weight: float = 0.0
     dmpls_dropout: float = 0.5  # channel dropout on the features the auxiliary decoder reads
-    roi_margin: float | None = None  # single-case mode: train and segment only around the organ clicks
     normalization: dict = field(default_factory=lambda: dict(DEFAULT_NORMALIZATION))
     widths: tuple = DEFAULT_WIDTHS
     dropout: tuple = DEFAULT_DROPOUT
@@ -131,8 +130,6 @@ class TrainSettings:
             raise PSCVError(f"optimizer {self.optimizer!r}: use sgd or adam")
         if self.cv_map not in ("variance", "probability"):
             raise PSCVError(f"cv_map {self.cv_map!r}: use variance or probability")
-        if self.roi_margin is not None and self.roi_margin < 0:
-            raise PSCVError(f"roi_margin {self.roi_margin} must be 0 or more (or None for the whole image)")
         if self.cv_pool < 1 or self.image_size % self.cv_pool:
             raise PSCVError(f"cv_pool {self.cv_pool} must be at least 1 and divide image_size {self.image_size}")
 
