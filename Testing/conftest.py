@@ -15,6 +15,8 @@ TINY_CLASSES = [ClassInfo("background", 0, (0, 0, 0)), ClassInfo("organ", 1, (23
 # A two-level U-Net of 4 and 8 channels on 32x32 slices: each iteration takes milliseconds on a CPU.
 TINY_SETTINGS = {"device": "cpu", "iterations": 2, "image_size": 32, "batch_size": 2, "widths": [4, 8],
                  "dropout": [0.0, 0.0], "augment": "none"}
+# A segment job that trains a network (after segmenting) until it is stopped.
+UNTIL_STOPPED = {**TINY_SETTINGS, "train_model": True, "iterations": 1_000_000}
 
 
 def write_tiny_case(folder, slices: int = 3, size: int = 32) -> dict:

@@ -6,7 +6,7 @@ import signal
 import time
 
 import pytest
-from conftest import TINY_SETTINGS
+from conftest import TINY_SETTINGS, UNTIL_STOPPED
 
 from pscv import PSCVError
 from pscv.data.segmentations import read_segmentation
@@ -39,7 +39,7 @@ def visible_results(folder) -> list:
 
 
 def test_a_local_job_runs_to_done_and_its_results_download(client, tiny_case, tmp_path):
-    job = client.submit("segment", **tiny_case, settings={**TINY_SETTINGS, "iterations": 4})
+    job = client.submit("segment", **tiny_case, settings={**TINY_SETTINGS, "iterations": 4, "train_model": True})
     assert job.state == "running" and len(job.id) == 32
     slowest_poll = 0.0
     events = []
@@ -78,7 +78,7 @@ def test_events_iterates_until_the_job_ends(client, tiny_case):
 
 
 def test_cancel_stops_a_local_job_within_2_seconds(client, tiny_case):
-    job = client.submit("segment", **tiny_case, settings={**TINY_SETTINGS, "iterations": 1_000_000})
+    job = client.submit("segment", **tiny_case, settings=UNTIL_STOPPED)
     wait_for(job, lambda e: e.get("stage") == "train")
     asked = time.monotonic()
     job.cancel()
@@ -92,7 +92,7 @@ def test_cancel_stops_a_local_job_within_2_seconds(client, tiny_case):
 
 
 def test_a_worker_killed_mid_job_is_a_failed_job_with_no_partial_result(client, tiny_case):
-    job = client.submit("segment", **tiny_case, settings={**TINY_SETTINGS, "iterations": 1_000_000})
+    job = client.submit("segment", **tiny_case, settings=UNTIL_STOPPED)
     wait_for(job, lambda e: e.get("stage") == "train")
     # what a half-written result looks like (the atomic writer's temporary name)
     (job.folder / f".result.seg.nrrd.partial-{job.process.pid}.seg.nrrd").write_bytes(b"NRRD0004\nhalf")

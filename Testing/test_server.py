@@ -14,9 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import TINY_SETTINGS
+from conftest import TINY_SETTINGS, UNTIL_STOPPED
 
 from pscv import PSCVError
+from pscv.data.classes import read_classes
 from pscv.data.segmentations import read_segmentation
 from pscv.jobs.client import JobClient
 from pscv.jobs.processes import worker_environment
@@ -186,7 +187,7 @@ def test_twenty_jobs_submitted_at_once_all_finish_and_download_intact(service, c
     seconds = time.monotonic() - started
     assert [state for _, state, _ in results] == ["done"] * 20, [job.message for job, _, _ in results]
     assert len({job.id for job, _, _ in results}) == 20
-    classes = load_model(results[0][0].download("model", tmp_path / "model")).classes
+    classes = read_classes(tiny_case["classes"])
     spans = []
     for job, _, path in results:
         folder = service.root / "jobs" / job.id
@@ -228,7 +229,7 @@ def test_pscv_segment_with_server_runs_there_and_writes_here(service, tiny_case,
 
 
 def test_a_remote_job_is_cancelled_within_2_seconds(service, client, tiny_case):
-    job = client.submit("segment", **tiny_case, settings={**TINY_SETTINGS, "iterations": 1_000_000})
+    job = client.submit("segment", **tiny_case, settings=UNTIL_STOPPED)
     for event in job.events(timeout=60):
         if event.get("stage") == "train":
             break
@@ -251,7 +252,7 @@ def test_a_restarted_service_keeps_serving_finished_results(tmp_path, tiny_case)
         assert finished.wait(60) == "done"
         first = finished.download("segmentation", tmp_path / "first.seg.nrrd").read_bytes()
         # one job running and one queued behind it when the service stops
-        running = post_job(server, case_files(tiny_case), settings={**TINY_SETTINGS, "iterations": 1_000_000})
+        running = post_job(server, case_files(tiny_case), settings=UNTIL_STOPPED)
         queued = post_job(server, case_files(tiny_case))
         running_id, queued_id = running.json()["id"], queued.json()["id"]
         deadline = time.monotonic() + 30

@@ -89,7 +89,8 @@ def test_a_local_job_runs_imports_and_cleans_up(tmp_path):
 
 def test_closing_the_scene_while_the_job_runs_cancels_it_and_imports_nothing(tmp_path):
     app, volume, nodes = scene_with_points()
-    task = segment_task(app, volume, nodes, local_client(tmp_path), tmp_path, iterations=100000).start()
+    task = segment_task(app, volume, nodes, local_client(tmp_path), tmp_path, iterations=100000, train_model=True)
+    task.start()
     deadline = time.monotonic() + 120
     while not any(e.get("stage") == "train" for e in task.events):
         task.poll()
@@ -156,7 +157,7 @@ class SlowUploadClient:
 def test_the_upload_happens_off_the_calling_thread_and_cancel_reaches_it(tmp_path):
     app, volume, nodes = scene_with_points()
     client = SlowUploadClient(local_client(tmp_path), delay=1.5)
-    task = segment_task(app, volume, nodes, client, tmp_path, iterations=100000)
+    task = segment_task(app, volume, nodes, client, tmp_path, iterations=100000, train_model=True)
     started = time.monotonic()
     task.start()
     events = task.poll()

@@ -20,7 +20,7 @@ from pscv.jobs import folder as job_folder
 from pscv.jobs import runner, staging
 from pscv.jobs.processes import worker_environment
 
-LONG = {"iterations": 1_000_000}  # runs until stopped
+LONG = {"iterations": 1_000_000, "train_model": True}  # a segment job that trains a network until stopped
 
 
 # One torch thread per worker: on a busy 2-core machine more threads mostly wait for each other.
@@ -62,18 +62,20 @@ def results_left(folder: Path) -> list:
 
 
 def test_worker_runs_a_tiny_job_to_done(tmp_path):
-    folder = write_tiny_job(tmp_path / "job", iterations=6)
+    folder = write_tiny_job(tmp_path / "job", iterations=6, train_model=True, suggest=2)
     process = start_worker(folder)
     events = read_events(process)
     process.wait(timeout=30)
     assert process.returncode == 0, (folder / "worker.log").read_text()
     assert events[0]["event"] == "started" and events[0]["kind"] == "segment"
     assert events[-1]["event"] == "done"
-    assert events[-1]["outputs"] == {"segmentation": "result.seg.nrrd", "model": "result-model"}
+    assert events[-1]["outputs"] == {"segmentation": "result.seg.nrrd", "model": "result-model",
+                                     "suggestions": "suggestions.mrk.json"}
     assert all(event["device"] == "cpu" and isinstance(event["time"], float) for event in events)
     steps = [e["step"] for e in events if e["event"] == "progress" and e["stage"] == "train"]
     assert steps and steps == sorted(steps) and steps[-1] == 6
-    assert [e["stage"] for e in events if e["event"] == "progress"][-2:] == ["predict", "write"]
+    assert [e["stage"] for e in events if e["event"] == "progress"][0] == "predict"  # the clicks spread first
+    assert [e["stage"] for e in events if e["event"] == "progress"][-1] == "write"
     # events.jsonl holds the same events; state.json says done; the results are whole and readable
     logged, _ = job_folder.read_events(folder)
     assert logged == events
@@ -82,7 +84,34 @@ def test_worker_runs_a_tiny_job_to_done(tmp_path):
     assert labels.shape == (3, 32, 32) and set(np.unique(labels)) <= {0, 1}
     assert sorted(p.name for p in (folder / "result-model").iterdir()) == ["model.json", "model.safetensors",
                                                                           "model_card.json"]
+    suggested = json.loads((folder / "suggestions.mrk.json").read_text())["markups"]
+    assert len(suggested) == 1 and len(suggested[0]["controlPoints"]) == 2
     assert not list(folder.rglob("*.partial-*"))
+
+
+def test_a_segment_job_with_strokes_writes_only_the_segmentation_unless_asked(tmp_path):
+    """Strokes (a label map of painted class values) supervise as clicks do; no model, no suggestions."""
+    import SimpleITK as sitk
+
+    folder = write_tiny_job(tmp_path / "job")
+    image = sitk.ReadImage(str(folder / "image.nrrd"))
+    painted = np.zeros(sitk.GetArrayFromImage(image).shape, dtype=np.uint8)
+    painted[:, 12:16, 14:20] = 1  # a stroke inside the box on every slice
+    strokes = sitk.GetImageFromArray(painted)
+    strokes.CopyInformation(image)
+    sitk.WriteImage(strokes, str(folder / "strokes-1.nrrd"))
+    document = json.loads((folder / "job.json").read_text())
+    document["inputs"]["strokes"] = ["strokes-1.nrrd"]
+    (folder / "job.json").write_text(json.dumps(document))
+    process = start_worker(folder)
+    events = read_events(process)
+    process.wait(timeout=30)
+    assert process.returncode == 0, (folder / "worker.log").read_text()
+    assert events[-1]["outputs"] == {"segmentation": "result.seg.nrrd"}
+    assert not any(e.get("stage") == "train" for e in events)
+    labels = read_segmentation(folder / "result.seg.nrrd", jobs_classes(folder))
+    assert np.all(labels[painted == 1] == 1)
+    assert not (folder / "result-model").exists() and not (folder / "suggestions.mrk.json").exists()
 
 
 def jobs_classes(folder):

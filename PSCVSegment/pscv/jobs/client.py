@@ -30,6 +30,7 @@ from .folder import (
     FINAL_STATES,
     JOB_FILE,
     KINDS,
+    RESULTS,
     SAFE_ID,
     inside,
     read_events,
@@ -41,7 +42,6 @@ from .staging import extract_zip, stage_inputs, upload_files
 
 STREAM_TIMEOUT = 60.0  # the server sends a keep-alive every few seconds; silence this long means it is gone
 RECONNECT_TRIES = 8  # reconnections to a remote service (backing off up to 10 s) before a job is given up
-RESULTS = ("segmentation", "model")
 
 
 class ServiceUnreachable(PSCVError):
@@ -79,18 +79,18 @@ class JobClient:
 
     # Jobs --------------------------------------------------------------------------------------------
     def submit(self, kind: str, image=None, points=None, classes=None, model=None, dataset=None,
-               settings: dict | None = None) -> Job:
+               settings: dict | None = None, strokes=None) -> Job:
         """Start a job (segment, train, predict, finetune) on the given files and settings."""
         if kind not in KINDS:
             raise PSCVError(f"unknown job kind {kind!r}; use one of {', '.join(KINDS)}")
         settings = dict(settings or {})
         if self.remote:
-            return self._submit_remote(kind, image, points, classes, model, dataset, settings)
+            return self._submit_remote(kind, image, points, classes, model, dataset, settings, strokes)
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         folder = self.jobs_dir / uuid.uuid4().hex
         folder.mkdir()
         try:
-            inputs = stage_inputs(folder, image, points, classes, model, dataset)
+            inputs = stage_inputs(folder, image, points, classes, model, dataset, strokes)
             write_job(folder, kind, inputs, settings)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
@@ -160,10 +160,10 @@ class JobClient:
             self._limit = self._json("GET", "/health").get("max_upload_bytes")
         return self._limit
 
-    def _submit_remote(self, kind, image, points, classes, model, dataset, settings) -> RemoteJob:
+    def _submit_remote(self, kind, image, points, classes, model, dataset, settings, strokes) -> RemoteJob:
         with tempfile.TemporaryDirectory(prefix="pscv-upload-") as staging:
             staging = Path(staging)
-            files = upload_files(staging, image, points, classes, model, dataset)
+            files = upload_files(staging, image, points, classes, model, dataset, strokes)
             body, content_type = _multipart({"kind": kind, "settings": json.dumps(settings)}, files,
                                             staging / "body")
             size = body.stat().st_size

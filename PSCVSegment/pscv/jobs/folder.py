@@ -26,6 +26,7 @@ RESERVED = {JOB_FILE, EVENTS_FILE, STATE_FILE, CANCEL_FILE, PID_FILE, LOG_FILE, 
 SAFE_ID = re.compile(r"[0-9a-f]{32}")  # job ids are uuid4 hex, made by whoever creates the folder
 KINDS = ("segment", "train", "predict", "finetune")
 FINAL_STATES = ("done", "error", "cancelled")  # also the names of the events that end a job
+RESULTS = ("segmentation", "model", "suggestions")  # the outputs a client can download
 
 # Inputs each kind needs, and may have.
 REQUIRED_INPUTS = {
@@ -34,10 +35,11 @@ REQUIRED_INPUTS = {
     "predict": ("image", "model"),
     "finetune": ("image", "points", "model"),
 }
-OPTIONAL_INPUTS = {"segment": (), "train": ("classes",), "predict": ("classes",), "finetune": ("classes",)}
+OPTIONAL_INPUTS = {"segment": ("strokes", "model"), "train": ("classes",), "predict": ("classes",),
+                   "finetune": ("classes",)}
 # Outputs each kind writes unless job.json names its own (a subset of these).
 DEFAULT_OUTPUTS = {
-    "segment": {"segmentation": "result.seg.nrrd", "model": "result-model"},
+    "segment": {"segmentation": "result.seg.nrrd", "model": "result-model", "suggestions": "suggestions.mrk.json"},
     "train": {"model": "result-model"},
     "predict": {"segmentation": "result.seg.nrrd"},
     "finetune": {"segmentation": "result.seg.nrrd", "model": "result-model"},
@@ -130,11 +132,11 @@ def _read_inputs(folder: Path, kind: str, document: dict) -> dict:
         raise PSCVError(f"{source}: a {kind} job needs the input(s) {', '.join(missing)}")
     inputs = {}
     for name, value in document.items():
-        if name == "points":
+        if name in ("points", "strokes"):
             values = [value] if isinstance(value, str) else value
             if not isinstance(values, list) or not values:
-                raise PSCVError(f"{source}: inputs.points must be a list of clicks files")
-            inputs[name] = [inside(folder, v, f"inputs.points[{n}]") for n, v in enumerate(values)]
+                raise PSCVError(f"{source}: inputs.{name} must be a list of files")
+            inputs[name] = [inside(folder, v, f"inputs.{name}[{n}]") for n, v in enumerate(values)]
         else:
             inputs[name] = inside(folder, value, f"inputs.{name}")
     for name, value in inputs.items():

@@ -41,7 +41,8 @@ def run_job(job: Job, events: Events, should_stop=None) -> dict:
     job folder ({"segmentation": "result.seg.nrrd", ...}). Raises PSCVError, or Cancelled when stopped."""
     runners = {"segment": _run_segment, "train": _run_train, "predict": _run_predict, "finetune": _run_finetune}
     runners[job.kind](job, events, should_stop)
-    return {name: path.relative_to(job.folder).as_posix() for name, path in job.outputs.items()}
+    # A segment job writes its model and suggestions only when its settings ask for them.
+    return {name: path.relative_to(job.folder).as_posix() for name, path in job.outputs.items() if path.exists()}
 
 
 def device_label(name: str) -> str:
@@ -186,25 +187,48 @@ def _save_model(job: Job, model) -> None:
 
 
 def _run_segment(job: Job, events: Events, should_stop) -> None:
-    """The single-case mode (`pscv.learn.single_case.segment_case`): train on the case's clicks, then segment it."""
+    """The single-case mode (`pscv.learn.single_case`): segment the case from its clicks and strokes; then, as
+    the settings ask, suggest where to click next and train (or refine, given a model input) a network."""
     from ..data.classes import read_classes
-    from ..learn.single_case import case_settings, segment_case
+    from ..data.clicks import write_suggestions
+    from ..data.segmentations import read_strokes
+    from ..learn.single_case import (
+        check_refinable,
+        model_settings,
+        segment_case,
+        split_settings,
+        suggest_points,
+        train_case_model,
+    )
 
     classes = read_classes(job.inputs["classes"])
     volume, clicks = _read_case(job, classes, with_points=True)
-    overrides = {k: v for k, v in job.settings.items() if k != "device"}
-
-    def make_settings(device, batch_size):
-        return case_settings(device, **{**overrides, **({"batch_size": batch_size} if batch_size else {})})
-
-    def work(settings):
-        return segment_case(volume, clicks, classes, settings, events, should_stop)
-
-    labelmap, model = with_memory_fallback(events, make_settings, work, job.settings.get("device", "auto"))
+    for path in job.inputs.get("strokes", []):
+        clicks = read_strokes(path, classes, volume).extended(clicks)
+    case, network = split_settings({k: v for k, v in job.settings.items() if k != "device"})
+    initial = _load_job_model(job) if "model" in job.inputs else None
+    if initial is not None:
+        check_refinable(initial, volume, "inputs.model")
+    if case.suggest and "suggestions" not in job.outputs:
+        raise PSCVError(f"{job.folder / JOB_FILE}: setting suggest needs a suggestions output")
+    device = job.settings.get("device", "auto")
+    model_settings(device, initial is not None, **network)  # the network's settings are checked before any work
+    result = segment_case(volume, clicks, classes, case, network.get("normalization"), events, should_stop)
     _check_stop(should_stop)
-    _save_model(job, model)
+    if case.train_model or initial is not None:
+        def make_settings(device, batch_size):
+            return model_settings(device, initial is not None,
+                                  **{**network, **({"batch_size": batch_size} if batch_size else {})})
+
+        def work(settings):
+            return train_case_model(volume, result, classes, settings, len(clicks), initial, events, should_stop)
+
+        _save_model(job, with_memory_fallback(events, make_settings, work, device))
+    if case.suggest:
+        write_suggestions(suggest_points(result, classes, volume.slice_axis(), case.suggest), volume, classes,
+                          job.outputs["suggestions"])
     if "segmentation" in job.outputs:
-        _write_segmentation(job, events, should_stop, labelmap, volume, classes)
+        _write_segmentation(job, events, should_stop, result.labelmap, volume, classes)
 
 
 def _run_train(job: Job, events: Events, should_stop) -> None:

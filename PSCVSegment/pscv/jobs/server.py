@@ -35,6 +35,7 @@ from .folder import (
     JOB_FILE,
     META_FILE,
     PID_FILE,
+    RESULTS,
     SAFE_ID,
     append_event,
     inside,
@@ -173,7 +174,7 @@ class Service:
         return sorted(found, key=lambda item: item.get("created") or 0)
 
     def submit(self, kind: str, settings_text: str, image=None, points=(), classes=None, model=None,
-               dataset=None) -> dict:
+               dataset=None, strokes=()) -> dict:
         """Store the uploads of a new job under fixed names and queue it. PSCVError: a bad request."""
         job_id = uuid.uuid4().hex
         staging = self.jobs_dir / f".incoming-{job_id}"
@@ -186,7 +187,7 @@ class Service:
             if not isinstance(settings, dict):
                 raise PSCVError("settings: expected a JSON object, e.g. {\"iterations\": 300}")
             received = {"image": [image], "points": points, "classes": [classes], "model": [model],
-                        "dataset": [dataset]}
+                        "dataset": [dataset], "strokes": strokes}
             limit = self.max_upload_bytes * MAX_UNPACKED_FACTOR
             inputs = job_inputs((role, store_upload(staging, role, number, upload.filename or "", upload.file, limit))
                                 for role, uploads in received.items()
@@ -348,9 +349,10 @@ def _add_job_routes(app, service: Service) -> None:
                points: Annotated[Optional[List[UploadFile]], File()] = None,
                classes: Annotated[Optional[UploadFile], File()] = None,
                model: Annotated[Optional[UploadFile], File()] = None,
-               dataset: Annotated[Optional[UploadFile], File()] = None):
+               dataset: Annotated[Optional[UploadFile], File()] = None,
+               strokes: Annotated[Optional[List[UploadFile]], File()] = None):
         try:
-            return service.submit(kind, settings, image, points or [], classes, model, dataset)
+            return service.submit(kind, settings, image, points or [], classes, model, dataset, strokes or [])
         except PSCVError as error:
             raise HTTPException(400, str(error)) from None
 
@@ -414,8 +416,8 @@ def _add_result_routes(app, service: Service) -> None:
 
     @app.get("/jobs/{job_id}/result/{kind}")
     def result(job_id: str, kind: str):
-        if kind not in ("segmentation", "model"):
-            raise HTTPException(404, "results are 'segmentation' and 'model'")
+        if kind not in RESULTS:
+            raise HTTPException(404, f"results are {', '.join(repr(r) for r in RESULTS)}")
         path = service.result(job_id, kind)
         name = f"{job_id}-model.zip" if kind == "model" else path.name
         return FileResponse(path, filename=name, media_type="application/octet-stream")

@@ -4,7 +4,8 @@ A local client links or copies them into the folder (`stage_inputs`); a remote c
 (`upload_files`: folders as zips) and the service stores what it receives (`store_upload`), all under the
 names `plan_inputs` gives: `image.<suffix>` for a one-file image, `image/` for a DICOM series folder,
 `image.nrrd` for a two-file image (.nhdr + data, .mhd + .raw: converted to one file), `points-<n>.mrk.json`
-or `points-<n>/<stem>.fcsv` for clicks, `classes.json`, and the folders `model/` and `dataset/`. A
+or `points-<n>/<stem>.fcsv` for clicks, `strokes-<n>.<suffix>` for painted strokes, `classes.json`, and the
+folders `model/` and `dataset/`. A
 client's file name never becomes a path, except the checked stem of a .fcsv file, which names its point
 list and so its class.
 """
@@ -20,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .. import PSCVError
-from ..data.formats import ONE_FILE_SUFFIXES, listing
+from ..data.formats import ONE_FILE_SUFFIXES, SEGMENTATION_SUFFIXES, listing
 
 SAFE_STEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _-]{0,63}")
 CONVERTED_IMAGE = "image.nrrd"  # where a two-file image goes, as one file
 CLASSES_FILE = "classes.json"
 FOLDER_INPUTS = ("model", "dataset")  # inputs that are folders (a model given by one of its files: its folder)
+LIST_INPUTS = ("points", "strokes")  # inputs that may be several files
 
 
 @dataclass
@@ -59,7 +61,21 @@ def points_name(filename: str, number: int) -> str:
     raise PSCVError(f"{filename}: clicks must be a 3D Slicer point list (.mrk.json) or a .fcsv file")
 
 
-def plan_inputs(image=None, points=None, classes=None, model=None, dataset=None) -> list[Input]:
+def strokes_name(filename: str, number: int) -> str:
+    """Where the `number`-th strokes file (a .seg.nrrd or one-file label map) goes in a job folder."""
+    lower = str(filename).lower()
+    for suffix in SEGMENTATION_SUFFIXES:
+        if lower.endswith(suffix):
+            return f"strokes-{number}{suffix}"
+    raise PSCVError(f"{filename}: strokes must be a 3D Slicer segmentation or a label map "
+                    f"({listing(SEGMENTATION_SUFFIXES)})")
+
+
+def _as_list(paths) -> list:
+    return [] if paths is None else [paths] if isinstance(paths, (str, Path)) else list(paths)
+
+
+def plan_inputs(image=None, points=None, classes=None, model=None, dataset=None, strokes=None) -> list[Input]:
     """Where each given file or folder goes in a job folder, and how."""
     planned = []
     if image is not None:
@@ -70,9 +86,10 @@ def plan_inputs(image=None, points=None, classes=None, model=None, dataset=None)
             planned.append(Input("image", image_name(image.name), image, "file"))
         else:
             planned.append(Input("image", CONVERTED_IMAGE, image, "convert"))
-    points = [] if points is None else [points] if isinstance(points, (str, Path)) else list(points)
-    for number, path in enumerate(points, start=1):
+    for number, path in enumerate(_as_list(points), start=1):
         planned.append(Input("points", points_name(Path(path).name, number), Path(path), "file"))
+    for number, path in enumerate(_as_list(strokes), start=1):
+        planned.append(Input("strokes", strokes_name(Path(path).name, number), Path(path), "file"))
     if classes is not None:
         planned.append(Input("classes", CLASSES_FILE, Path(classes), "file"))
     for role, source in zip(FOLDER_INPUTS, (model, dataset)):
@@ -85,21 +102,22 @@ def plan_inputs(image=None, points=None, classes=None, model=None, dataset=None)
 
 
 def job_inputs(roles_and_names) -> dict:
-    """job.json's "inputs" from (role, name in the job folder) pairs: "points" a list, the others one name."""
+    """job.json's "inputs" from (role, name in the job folder) pairs: "points" and "strokes" lists, the others
+    one name."""
     inputs = {}
     for role, name in roles_and_names:
-        if role == "points":
-            inputs.setdefault("points", []).append(name)
+        if role in LIST_INPUTS:
+            inputs.setdefault(role, []).append(name)
         else:
             inputs[role] = name
     return inputs
 
 
-def stage_inputs(folder, image=None, points=None, classes=None, model=None, dataset=None) -> dict:
+def stage_inputs(folder, image=None, points=None, classes=None, model=None, dataset=None, strokes=None) -> dict:
     """Put the given files and folders into the job folder (hard links where possible); returns job.json's
     "inputs"."""
     folder = Path(folder)
-    planned = plan_inputs(image, points, classes, model, dataset)
+    planned = plan_inputs(image, points, classes, model, dataset, strokes)
     for item in planned:
         if item.how == "convert":
             convert_image(item.source, folder / item.name)
@@ -108,12 +126,13 @@ def stage_inputs(folder, image=None, points=None, classes=None, model=None, data
     return job_inputs((item.role, item.name) for item in planned)
 
 
-def upload_files(scratch: Path, image=None, points=None, classes=None, model=None, dataset=None) -> list:
+def upload_files(scratch: Path, image=None, points=None, classes=None, model=None, dataset=None,
+                 strokes=None) -> list:
     """What a client sends to a service for these inputs: (form field, file name, path), folders zipped and
     converted images written into the folder `scratch`. The service names them with `store_upload`."""
     scratch = Path(scratch)
     files = []
-    for item in plan_inputs(image, points, classes, model, dataset):
+    for item in plan_inputs(image, points, classes, model, dataset, strokes):
         sent = PurePosixPath(item.name).name  # a .fcsv keeps its stem (its point list's name), nothing else
         if item.how == "folder":
             files.append((item.role, f"{sent}.zip", zip_folder(item.source, scratch / f"{sent}.zip")))
@@ -137,6 +156,8 @@ def store_upload(folder: Path, role: str, number: int, filename: str, stream, ma
             return unpacked.relative_to(folder).as_posix()
     elif role == "points":
         name = points_name(filename, number)
+    elif role == "strokes":
+        name = strokes_name(filename, number)
     elif role == "classes":
         name = CLASSES_FILE
     elif role in FOLDER_INPUTS:
