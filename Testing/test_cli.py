@@ -129,8 +129,8 @@ def test_bench_cohort_trains_the_recipes_on_one_dataset_and_scores_them_on_anoth
     (["train", "no-such-folder", "--out", "m"], "no such dataset folder"),
     (["predict", str(DATA / f"{CASE}.nrrd"), "--model", "no-model", "--out", "o.nrrd"], "not a pscv model folder"),
     (["segment", str(DATA / f"{CASE}.nrrd"), "--points", str(DATA / f"{CASE}.mrk.json"), "--classes",
-      str(DATA / "classes.json"), "--out", "o.seg.nrrd", "--method", "pscv", "--set", "cv_wieght=1"],
-     "unknown training setting"),
+      str(DATA / "classes.json"), "--out", "o.seg.nrrd", "--set", "region_margn=1"],
+     "the segmentation's: region_margin"),
 ])
 def test_errors_are_one_clear_line_and_exit_2(tmp_path, arguments, message):
     result = pscv(*arguments, check=False)
@@ -165,3 +165,52 @@ def test_help_texts_and_the_readme_name_the_formats_of_the_one_table():
         assert re.findall(r"`(\.[^`]+)`", written) == list(table_format.written), table_format.name
         assert table_format not in formats.IMAGE_FORMATS or read == "images; label maps", table_format.name
     assert f"--to {'|'.join(formats.EXPORT_FORMATS)}]" in readme
+
+
+def test_the_interactive_loop_suggestions_strokes_and_refine(tmp_path):
+    """Round 1 with suggestions and a kept model; round 2 adds painted strokes and refines that model."""
+    from pscv.data.classes import read_classes
+    from pscv.data.metrics import dice
+    from pscv.data.segmentations import read_segmentation, write_segmentation
+    from pscv.data.volumes import read_image
+
+    image, classes_file = DATA / f"{CASE}.nrrd", DATA / "classes.json"
+    base = ["segment", image, "--points", DATA / f"{CASE}.mrk.json", "--classes", classes_file]
+    first, suggestions, model = tmp_path / "r1.seg.nrrd", tmp_path / "next.mrk.json", tmp_path / "model"
+    result = pscv(*base, "--out", first, "--suggest", "3", "--suggest-out", suggestions, "--save-model", model, *TINY)
+    assert "3 suggestions" in result.stdout
+    lists = json.loads(suggestions.read_text())["markups"]
+    assert [m["name"] for m in lists] == ["suggested points"] and len(lists[0]["controlPoints"]) == 3
+    assert all(p["label"].rstrip("?") in ("background", "RV", "Myo", "LV") for p in lists[0]["controlPoints"])
+    refused = pscv("segment", image, "--points", suggestions, "--classes", classes_file, "--out",
+                   tmp_path / "x.seg.nrrd", check=False)
+    assert refused.returncode == 2 and "suggested points" in refused.stderr  # not clicks until moved into a class
+    assert json.loads((model / "model.json").read_text())["training"]["clicks"] == 38  # the user's, not a region's
+
+    classes, volume = read_classes(classes_file), read_image(image)
+    truth = read_segmentation(DATA / f"{CASE}_label.nrrd", classes, volume)
+    painted = np.zeros_like(truth)
+    for k in range(truth.shape[0]):  # a thin stroke along the middle row of each class in every slice
+        for info in classes[1:]:
+            rows, columns = np.nonzero(truth[k] == info.value)
+            if len(rows):
+                middle = rows == int(np.median(rows))
+                painted[k, rows[middle], columns[middle]] = info.value
+    strokes = tmp_path / "strokes.seg.nrrd"
+    write_segmentation(strokes, painted, volume, classes)
+    second = tmp_path / "r2.seg.nrrd"
+    pscv(*base, "--strokes", strokes, "--out", second, "--refine", model, *TINY)
+    rounds = [read_segmentation(path, classes, volume) for path in (first, second)]
+    assert np.all(rounds[1][painted > 0] == painted[painted > 0])  # the strokes hold
+    scores = [np.mean([dice(labels == c.value, truth == c.value) for c in classes[1:]]) for labels in rounds]
+    assert scores[1] > scores[0] + 0.05, scores
+    refined = json.loads((model / "model.json").read_text())
+    assert refined["single_case"]["rounds"] == 2 and refined["training"]["clicks"] > 38
+
+    other = tmp_path / "other.nrrd"
+    sitk.WriteImage(sitk.Flip(sitk.ReadImage(str(image)), [True, False, False]), str(other))
+    wrong = pscv("segment", other, "--points", DATA / f"{CASE}.mrk.json", "--classes", classes_file, "--out",
+                 tmp_path / "y.seg.nrrd", "--refine", model, check=False)
+    assert wrong.returncode == 2 and "another image" in wrong.stderr
+    lonely = pscv(*base, "--out", tmp_path / "z.seg.nrrd", "--suggest", "2", check=False)
+    assert lonely.returncode == 2 and "go together" in lonely.stderr

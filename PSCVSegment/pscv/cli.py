@@ -100,15 +100,6 @@ def _parse_value(text: str):
         return text
 
 
-def _parse_roi_margin(text: str) -> float | None:
-    if text.strip().lower() == "none":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise PSCVError(f"--roi-margin {text!r}: expected a number such as 0.5, or none") from None
-
-
 def _add_training_options(parser, methods=True):
     group = parser.add_argument_group("training")
     if methods:
@@ -140,8 +131,6 @@ def _settings_overrides(args) -> dict:
             overrides[key] = getattr(args, key)
     if args.normalize:
         overrides["normalization"] = parse_normalization(args.normalize)
-    if getattr(args, "roi_margin", None) is not None:
-        overrides["roi_margin"] = _parse_roi_margin(args.roi_margin)
     overrides.update(_parse_set(args.set))
     return overrides
 
@@ -158,47 +147,112 @@ def _parse_set(items: list[str]) -> dict:
 
 
 def _add_segment(subparsers):
+    from .learn.single_case import CPU_BUDGET, GPU_BUDGET, CaseSettings
+
     parser = subparsers.add_parser(
-        "segment", help="train on one image's own clicks, then segment all of it",
-        description="The single-case mode: train a network on the clicks placed on this image, then segment "
-        "every slice. Place one or more points per class (background included) on some slices.")
+        "segment", help="segment one image from its own clicks (and strokes); refine it round after round",
+        description="The single-case mode: the clicks (and painted strokes) spread to every voxel of the region "
+        "around the organ clicks by a random walker along the image's edges; outside that region is background. "
+        "Place one point per class (background included) on some slices, look at the result, add points where it "
+        "is wrong and run again: each run takes seconds. --suggest N asks where to click next. --save-model also "
+        "trains a network on the result (one that can segment similar images, `pscv predict`): "
+        f"{CPU_BUDGET['iterations']} iterations at {CPU_BUDGET['image_size']} px on a CPU, "
+        f"{GPU_BUDGET['iterations']} at {GPU_BUDGET['image_size']} px on a GPU; --refine continues such a model "
+        "for a short schedule.")
     parser.add_argument("image", help=f"the image: {IMAGE_HELP}, or a DICOM series folder")
     parser.add_argument("--points", nargs="+", required=True, metavar="CLICKS",
                         help="markups files (.mrk.json, .fcsv): point lists named after the classes")
+    parser.add_argument("--strokes", nargs="+", default=[], metavar="FILE",
+                        help="painted labels as well: a .seg.nrrd whose segments are named after the classes "
+                        "(Segment Editor's Paint or Draw; a 'background' segment paints background), or a label map "
+                        "of class values (0 = unpainted)")
     parser.add_argument("--classes", required=True, help="classes.json: names, label values, colors")
     parser.add_argument("--out", required=True, help=f"the segmentation: {SEGMENTATION_HELP}")
-    parser.add_argument("--save-model", metavar="DIR", help="also save the trained model in this folder")
+    parser.add_argument("--suggest", type=int, default=0, metavar="N",
+                        help="also write the N places where the result is least sure (at most one per slice), each "
+                        "labelled with the class guessed there, to --suggest-out")
+    parser.add_argument("--suggest-out", metavar="FILE.mrk.json", help="where --suggest writes its points (a 3D "
+                        "Slicer point list 'suggested points'; move a point into a class's list to use it)")
+    parser.add_argument("--save-model", metavar="DIR", help="also train a network on the result and save it here")
+    parser.add_argument("--refine", metavar="MODEL_DIR", help="continue the network --save-model kept from an "
+                        "earlier run on this image, on this run's result (saved back to MODEL_DIR unless "
+                        "--save-model names another folder)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--server", metavar="URL", help="run the job on a `pscv serve` service (e.g. "
                         "http://gpu-box:8000) instead of on this machine; --device then names the server's device")
     parser.add_argument("--token", help="the service's token (default: the PSCV_TOKEN environment variable)")
-    _add_training_options(parser)
+    _add_training_options(parser, methods=False)
+    defaults = CaseSettings()
+    parser.epilog = ("segmentation settings (--set KEY=VALUE): " + ", ".join(
+        f"{key}={value}" for key, value in defaults.to_dict().items() if key not in ("suggest", "train_model")) +
+        "; the other --set keys and the training options are the network's (--save-model, --refine)")
     parser.set_defaults(run=_run_segment)
 
 
-def _run_segment(args):
+def _check_segment_arguments(args) -> None:
+    """What can be checked before any work: the suggestion options go together and name a markups file."""
+    if args.suggest < 0:
+        raise PSCVError(f"--suggest {args.suggest}: give a number of places, 1 or more")
+    if bool(args.suggest) != bool(args.suggest_out):
+        raise PSCVError("--suggest N and --suggest-out FILE.mrk.json go together")
+    if args.suggest_out and not args.suggest_out.lower().endswith(".mrk.json"):
+        raise PSCVError(f"--suggest-out {args.suggest_out}: the name must end in .mrk.json (a 3D Slicer point list)")
+    if args.refine and not Path(args.refine).is_dir():
+        raise PSCVError(f"--refine {args.refine}: no such model folder (the --save-model folder of an earlier run)")
+
+
+def _segment_inputs(args):
+    """(classes, volume, clicks: the strokes' voxels, then the clicks) of a segment command."""
     from .data.classes import read_classes
     from .data.clicks import read_clicks
+    from .data.segmentations import read_strokes
     from .data.volumes import read_image
 
     classes = read_classes(args.classes)
     volume = read_image(args.image)
     clicks = read_clicks(args.points, volume, classes)
+    for path in args.strokes:
+        clicks = read_strokes(path, classes, volume).extended(clicks)
+    return classes, volume, clicks
+
+
+def _run_segment(args):
+    _check_segment_arguments(args)
+    classes, volume, clicks = _segment_inputs(args)
     if args.server:  # the inputs are checked here, the job runs there
         return _run_segment_on_server(args, volume, classes)
+    from .data.clicks import write_suggestions
     from .data.segmentations import write_segmentation
-    from .learn.models import save_model
-    from .learn.single_case import case_settings, segment_case
+    from .learn.models import load_model, save_model
+    from .learn.single_case import (
+        check_refinable,
+        model_settings,
+        segment_case,
+        split_settings,
+        suggest_points,
+        train_case_model,
+    )
 
-    overrides = _settings_overrides(args)
-    settings = case_settings(**overrides)
+    case, network = split_settings({**_settings_overrides(args), "suggest": args.suggest})
+    initial = load_model(args.refine, classes) if args.refine else None
+    if initial is not None:
+        check_refinable(initial, volume, args.refine)
+    settings = model_settings(refine=initial is not None, **network)  # checked before any work
     started = time.monotonic()
-    labelmap, model = segment_case(volume, clicks, classes, settings, progress=ConsoleProgress(quiet=args.quiet))
-    write_segmentation(args.out, labelmap, volume, classes)
-    if args.save_model:
-        save_model(model, args.save_model)
-    print(f"wrote {args.out} ({len(clicks)} clicks, {settings.iterations} iterations on "
-          f"{model.metadata['training']['device']}, {time.monotonic() - started:.1f} s)")
+    progress = ConsoleProgress(quiet=args.quiet)
+    result = segment_case(volume, clicks, classes, case, network.get("normalization"), progress)
+    write_segmentation(args.out, result.labelmap, volume, classes)
+    done = [f"{len(clicks)} clicks, {time.monotonic() - started:.1f} s"]
+    if case.suggest:
+        write_suggestions(suggest_points(result, classes, volume.slice_axis(), case.suggest), volume, classes,
+                          args.suggest_out)
+        done.append(f"{case.suggest} suggestions in {args.suggest_out}")
+    model_dir = args.save_model or args.refine
+    if model_dir:
+        model = train_case_model(volume, result, classes, settings, len(clicks), initial, progress)
+        save_model(model, model_dir)
+        done.append(f"model in {model_dir}: {settings.iterations} iterations on {model.metadata['training']['device']}")
+    print(f"wrote {args.out} ({'; '.join(done)}; {time.monotonic() - started:.1f} s in all)")
 
 
 def _run_segment_on_server(args, volume, classes):
@@ -209,8 +263,11 @@ def _run_segment_on_server(args, volume, classes):
     from .jobs.client import JobClient
 
     started = time.monotonic()
+    settings = {**_settings_overrides(args), "suggest": args.suggest,
+                "train_model": bool(args.save_model or args.refine)}
     job = JobClient(args.server, token=args.token).submit(
-        "segment", image=args.image, points=args.points, classes=args.classes, settings=_settings_overrides(args))
+        "segment", image=args.image, points=args.points, classes=args.classes, settings=settings,
+        strokes=args.strokes or None, model=args.refine)
     progress = ConsoleProgress(quiet=args.quiet)
     try:
         for event in job.events():
@@ -228,8 +285,10 @@ def _run_segment_on_server(args, volume, classes):
         with tempfile.TemporaryDirectory(prefix="pscv-") as staging:
             downloaded = job.download("segmentation", Path(staging) / "result.seg.nrrd")
             write_segmentation(args.out, read_segmentation(downloaded, classes, volume), volume, classes)
-    if args.save_model:
-        job.download("model", args.save_model)
+    if args.suggest:
+        job.download("suggestions", args.suggest_out)
+    if args.save_model or args.refine:
+        job.download("model", args.save_model or args.refine)
     print(f"wrote {args.out} (job {job.id} on {args.server}, {job.device}, {time.monotonic() - started:.1f} s)")
 
 
