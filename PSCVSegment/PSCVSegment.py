@@ -136,6 +136,9 @@ class PSCVSegmentParameterNode:
     modelDirectory - a model folder to apply or fine-tune.
     datasetDirectory - the cohort's dataset folder.
     device, iterations - training settings (iterations 0: the engine's budget for the device).
+    strokesSegmentation - painted segments (named after the classes) that count as clicks; None: none.
+    suggestCount - how many places to suggest clicking next (0: none).
+    keepModel - also train a network on the result; segmenting the same volume again refines it.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -145,6 +148,9 @@ class PSCVSegmentParameterNode:
     datasetDirectory: str = ""
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     iterations: Annotated[int, WithinRange(0, 200000)] = 0
+    strokesSegmentation: vtkMRMLSegmentationNode
+    suggestCount: Annotated[int, WithinRange(0, 100)] = 0
+    keepModel: bool = False
 
 
 #
@@ -473,7 +479,7 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.segmentButton.enabled = True
         else:
             self.ui.segmentButton.text = "Segment"
-            self.ui.segmentButton.toolTip = "\n".join(problems) or "Train on this volume's points and segment it."
+            self.ui.segmentButton.toolTip = "\n".join(problems) or "Segment this volume from its points (seconds)."
             self.ui.segmentButton.enabled = not problems
         segmentation = p.outputSegmentation if p else None
         hasSegments = bool(segmentation and segmentation.GetSegmentation().GetNumberOfSegments())
@@ -596,11 +602,13 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     replaceExisting = True
             iterations = p.iterations if kind in ("segment", "train", "finetune") else None
             settings = self.logic.jobSettings(p.device, iterations)
+            interactive = self._interactiveOptions(settings) if kind == "segment" else {}
             started = self.logic.startTask(
                 kind, p.inputVolume, nodes, classes=classes,
                 segmentationNode=p.outputSegmentation if kind != "train" else None, settings=settings,
                 connection=connection, modelDirectory=p.modelDirectory if kind in ("predict", "finetune") else None,
-                replaceExisting=replaceExisting, datasetDirectory=p.datasetDirectory if kind == "train" else None)
+                replaceExisting=replaceExisting, datasetDirectory=p.datasetDirectory if kind == "train" else None,
+                **interactive)
         if started is None:
             return
         self._task = started
@@ -610,6 +618,18 @@ class PSCVSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = "Starting..."
         self._pollTimer.start()
         self.updateButtons()
+
+    def _interactiveOptions(self, settings):
+        """A segment job's strokes, suggestions and model to refine, from the Segmentation section."""
+        p = self._parameterNode
+        strokes = p.strokesSegmentation
+        if strokes is not None and strokes is p.outputSegmentation:
+            raise ValueError("Choose strokes other than the output segmentation (paint them in a segmentation "
+                             "of their own).")
+        if p.keepModel:
+            settings["train_model"] = True
+        return {"strokesSegmentation": strokes, "suggest": p.suggestCount,
+                "refineModel": self.logic.refinableModel(p.inputVolume) if p.keepModel else None}
 
     def onPollJob(self):
         task = self._task
@@ -757,6 +777,7 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.lastModelDirectory = None
         self._lastModelTask = None
+        self._lastModelVolumeID = None
         self.temporaryRoot = os.path.join(slicer.app.temporaryPath, "PSCVSegment")
         tasks.removeStaleWorkDirectories(self.temporaryRoot)
         self.logStore = tasks.LogStore(os.path.join(self.temporaryRoot, tasks.LOGS_FOLDER))
@@ -799,7 +820,7 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
 
     def startTask(self, kind, volumeNode, pointListNodes=None, classes=None, segmentationNode=None,
                   settings=None, connection=None, modelDirectory=None, replaceExisting=False,
-                  datasetDirectory=None, strokesSegmentation=None, suggest=0):
+                  datasetDirectory=None, strokesSegmentation=None, suggest=0, refineModel=None):
         """Write the inputs and start a job in the background; returns the started ``tasks.Task`` (see
         ``tasks.createTask`` for the kinds: segment, predict, finetune, train)."""
         connection = connection or self.connectionFromSettings()
@@ -808,7 +829,7 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
             raise ValueError(" ".join(problems))
         task = tasks.createTask(slicer.mrmlScene, kind, self.jobClient(connection), self.temporaryRoot,
                                 volumeNode, pointListNodes, classes, segmentationNode, settings, modelDirectory,
-                                replaceExisting, datasetDirectory, strokesSegmentation, suggest)
+                                replaceExisting, datasetDirectory, strokesSegmentation, suggest, refineModel)
         logging.info(f"PSCVSegment: starting: {task.description}")
         return task.start()
 
@@ -824,9 +845,17 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
                 self._lastModelTask.removeWorkDirectory()
             self._lastModelTask = task
             self.lastModelDirectory = task.modelDirectory
+            self._lastModelVolumeID = task.volumeNode.GetID() if task.volumeNode is not None else None
         elif task.state != tasks.FINISHED or task.kind not in ("segment", "finetune"):
             if task is not self._lastModelTask:
                 task.removeWorkDirectory()
+
+    def refinableModel(self, volumeNode):
+        """The model the last segment job kept for ``volumeNode`` (to refine), or None."""
+        if (volumeNode is None or not self.lastModelDirectory or self._lastModelTask is None
+                or self._lastModelTask.kind != "segment" or self._lastModelVolumeID != volumeNode.GetID()):
+            return None
+        return self.lastModelDirectory if os.path.isdir(self.lastModelDirectory) else None
 
     def waitTask(self, task, timeout=None):
         """Wait for a task while keeping Slicer responsive; then import its result (scripts and the self-test)."""
@@ -854,8 +883,9 @@ class PSCVSegmentLogic(ScriptedLoadableModuleLogic):
 
     def segment(self, volumeNode, pointListNodes, segmentationNode=None, classes=None, settings=None, wait=True,
                 replaceExisting=False, connection=None, timeout=None):
-        """Train on the points of ``volumeNode`` and segment it; returns the segmentation node (or the started
-        task if not ``wait``: then poll it, ``finish()`` it, and pass it to ``taskEnded``)."""
+        """Segment ``volumeNode`` from its points; returns the segmentation node (or the started task if not
+        ``wait``: then poll it, ``finish()`` it, and pass it to ``taskEnded``). Settings ``train_model`` (keep a
+        network) and ``suggest`` (places to click next) as the engine's segment job takes them."""
         task = self.startTask("segment", volumeNode, pointListNodes, classes, segmentationNode, settings,
                               connection, replaceExisting=replaceExisting)
         return self.waitTask(task, timeout) if wait else task
@@ -1140,7 +1170,7 @@ class PSCVSegmentTest(ScriptedLoadableModuleTest):
             node = pointlists.addClassPointList(slicer.mrmlScene, name, value)
             self._placePoints(node, clicks[value], ijkToRas)
             nodes.append(node)
-        settings = logic.jobSettings("auto", 300, image_size=64, batch_size=4)
+        settings = logic.jobSettings("auto", 300, image_size=64, batch_size=4, train_model=True)
         segmentationNode = logic.segment(volumeNode, nodes, settings=settings, connection=self.testConnection(),
                                          timeout=1800)
         self.assertIsNotNone(segmentationNode)
@@ -1197,6 +1227,8 @@ class PSCVSegmentTest(ScriptedLoadableModuleTest):
         p = widget._parameterNode
         p.inputVolume = volumeNode
         p.iterations = 60
+        p.keepModel = True  # for Save model, Apply and Fine-tune below
+        p.suggestCount = 2
         self.assertFalse(widget.ui.segmentButton.enabled)
         widget.ui.addClassButton.click()  # background and organ 1
         widget.ui.addClassButton.click()  # organ 2
@@ -1224,7 +1256,9 @@ class PSCVSegmentTest(ScriptedLoadableModuleTest):
         segmentationNode = p.outputSegmentation
         self.assertIsNotNone(segmentationNode, widget.ui.statusLabel.text)
         self.assertEqual(results.segmentNames(segmentationNode), ["ball", "box"])
-        self.assertIn("Training", widget.ui.logTextEdit.toPlainText())
+        self.assertIn("Training", widget.ui.logTextEdit.toPlainText())  # the kept model
+        suggestions = slicer.util.getFirstNodeByName("PSCV suggested points")
+        self.assertEqual(suggestions.GetNumberOfControlPoints(), 2)
         self.assertTrue(widget.ui.exportSegNrrdButton.enabled)
         widget.ui.exportSegNrrdButton.click()
         self.assertTrue(os.path.isfile(self.savePaths[-1]), self.savePaths)

@@ -595,7 +595,7 @@ def test_prepared_inputs_run_as_a_local_job(tmp_path):
     classes = slicer_inputs.classes_from_names(list(clicks))
     inputs = slicer_inputs.write_job_inputs(tmp_path / "inputs", array, ijk_to_ras, classes, point_lists)
     client = JobClient(python=sys.executable, jobs_dir=tmp_path / "jobs")
-    settings = slicer_inputs.job_settings("cpu", 10, image_size=32, batch_size=2)
+    settings = slicer_inputs.job_settings("cpu", 10, image_size=32, batch_size=2, train_model=True)
     job = client.submit("segment", settings=settings, **inputs)
     events = list(job.events(timeout=300))
     assert job.state == "done", job.message

@@ -577,10 +577,11 @@ def test_strokes_and_suggestions(app, tmp_path):
                                            ).GetNumberOfItems() == 1 and again.GetNumberOfControlPoints() == 38
 
     features = interactive.engineFeatures()
-    assert set(features) == {"refine", "strokes", "suggest"}
-    if not features["strokes"]:
-        with pytest.raises(NotImplementedError, match="strokes"):
-            interactive.submitExtras(features, strokesFile=path)
+    assert features == {"refine": True, "strokes": True, "suggest": True}
+    assert interactive.submitExtras(features, "model-dir", path, 3) == (
+        {"model": "model-dir", "strokes": path}, {"train_model": True, "suggest": 3})
+    with pytest.raises(NotImplementedError, match="cannot strokes|strokes"):
+        interactive.submitExtras({"refine": True, "strokes": False, "suggest": True}, strokesFile=path)
     assert interactive.submitExtras(features) == ({}, {})
 
 

@@ -4,6 +4,7 @@ thread never waits (uploads and downloads happen in the task's thread); job fold
 removed; the worker's output is kept in the task's log for failed and successful jobs.
 """
 
+import json
 import os
 import stat
 import sys
@@ -66,7 +67,7 @@ def poll_until(task, states, timeout=300):
 
 def test_a_local_job_runs_imports_and_cleans_up(tmp_path):
     app, volume, nodes = scene_with_points()
-    task = segment_task(app, volume, nodes, local_client(tmp_path), tmp_path).start()
+    task = segment_task(app, volume, nodes, local_client(tmp_path), tmp_path, train_model=True).start()
     longest_poll = poll_until(task, (tasks.READY, tasks.FAILED))
     assert task.state == tasks.READY, task.logText()
     assert longest_poll < 0.5  # poll never waits for the job
@@ -208,7 +209,7 @@ def test_predict_finetune_and_train_jobs_are_made_from_the_scene(tmp_path):
     landing beside it."""
     app, volume, nodes = scene_with_points()
     client = local_client(tmp_path)
-    first = segment_task(app, volume, nodes, client, tmp_path).start()
+    first = segment_task(app, volume, nodes, client, tmp_path, train_model=True).start()
     poll_until(first, (tasks.READY, tasks.FAILED))
     segmentation = first.finish()
     model = first.modelDirectory
@@ -239,5 +240,41 @@ def test_predict_finetune_and_train_jobs_are_made_from_the_scene(tmp_path):
     assert not os.path.exists(train.workDirectory)
     with pytest.raises(ValueError, match="model folder"):
         tasks.createTask(app.scene, "predict", client, tmp_path / "root", volume, modelDirectory=tmp_path / "none")
-    with pytest.raises(NotImplementedError, match="cannot suggest"):
-        tasks.createTask(app.scene, "segment", client, tmp_path / "root", volume, nodes, suggest=5)
+
+
+def test_the_interactive_loop_from_the_scene_strokes_suggestions_and_refine(tmp_path):
+    """Round 1 keeps a model and suggests places to click; round 2 adds a painted segmentation as strokes and
+    refines round 1's model; the suggestions land in a point list of their own."""
+    from pscv.data.classes import ClassInfo
+    from pscv.data.segmentations import write_segmentation
+    from pscv.data.volumes import Volume
+    from PSCVSegmentLib import interactive
+
+    app, volume, nodes = scene_with_points()
+    client = local_client(tmp_path)
+    first = tasks.createTask(app.scene, "segment", client, tmp_path / "root", volume, nodes,
+                             settings={**TINY_SETTINGS, "train_model": True}, suggest=2).start()
+    poll_until(first, (tasks.READY, tasks.FAILED))
+    assert first.state == tasks.READY, first.logText()
+    segmentation = first.finish()
+    assert first.suggestionsNode.GetName() == interactive.SUGGESTIONS_NAME
+    assert first.suggestionsNode.GetNumberOfControlPoints() == 2
+    assert os.path.isfile(os.path.join(first.modelDirectory, "model.json"))
+
+    painted = np.zeros((4, 24, 24), np.uint8)
+    painted[:, 6:9, 5:10] = 1  # a stroke inside the liver on every slice
+    classes = [ClassInfo("background", 0, (0, 0, 0)), ClassInfo("liver", 1, (200, 100, 0)),
+               ClassInfo("kidney", 2, (0, 100, 200))]
+    path = tmp_path / "painted.seg.nrrd"
+    grid = Volume(painted.astype(np.float32), spacing=(1.0, 1.0, 3.0), direction=np.diag([-1.0, -1.0, 1.0]))  # RAS->LPS
+    write_segmentation(path, painted, grid, classes[:2])
+    strokes = results.importResult(app.scene, str(path), volume)
+    second = tasks.createTask(app.scene, "segment", client, tmp_path / "root", volume, nodes,
+                              segmentationNode=segmentation, replace=True, settings=TINY_SETTINGS,
+                              strokesSegmentation=strokes, refineModel=first.modelDirectory).start()
+    poll_until(second, (tasks.READY, tasks.FAILED))
+    assert second.state == tasks.READY, second.logText()
+    assert second.finish() is segmentation
+    assert second.modelDirectory and second.suggestionsNode is None
+    refined = json.loads(open(os.path.join(second.modelDirectory, "model.json")).read())
+    assert refined["single_case"]["rounds"] == 2

@@ -1,10 +1,9 @@
-"""Extension points for the interactive loop of issue 9: refine, strokes and suggested points.
+"""The interactive loop in the module: strokes, suggested points, and refining the model of the last run.
 
-The engine does not have them yet (``pscv segment --refine MODEL_DIR``, ``--strokes FILE``, ``--suggest N``
-are planned). What the module needs from MRML is here already and tested; what it needs from the engine is
-asked in one place, ``engineFeatures``, so the buttons appear once the engine's job format has them:
+What the engine's segment job offers is asked in one place, ``engineFeatures`` (an older engine in the
+module folder, or a server running one, may lack them):
 
-- refine: a ``segment`` job that takes a ``model`` input (the model kept from the previous run);
+- refine: a ``segment`` job that takes a ``model`` input (the model kept from the previous run on the volume);
 - strokes: a ``segment`` job that takes a ``strokes`` input (a .seg.nrrd whose segments, named after the
   classes, hold what the user painted), written by ``writeStrokes``;
 - suggest: a ``suggest`` setting and a ``suggestions`` output (a .mrk.json), loaded by ``loadSuggestions``
@@ -34,6 +33,7 @@ def submitExtras(features, refineModel=None, strokesFile=None, suggest=0) -> tup
             raise NotImplementedError(f"this version of the engine (pscv {engine.__version__}) cannot {name} yet")
     if refineModel:
         extras["model"] = str(refineModel)
+        settings["train_model"] = True
     if strokesFile:
         extras["strokes"] = str(strokesFile)
     if suggest:

@@ -34,6 +34,7 @@ SUBMITTING, RUNNING, READY, FINISHED, FAILED, CANCELLED, ORPHANED = (
 ENDED = (FINISHED, FAILED, CANCELLED, ORPHANED)
 RESULT_FILE = "result.seg.nrrd"
 MODEL_FOLDER = "model"
+SUGGESTIONS_FILE = "suggestions.mrk.json"
 
 
 class SceneClosedError(RuntimeError):
@@ -63,6 +64,8 @@ class Task:
         self.state = SUBMITTING
         self.message = ""
         self.resultPath = None
+        self.suggestionsPath = None
+        self.suggestionsNode = None
         self.modelDirectory = None
         self.startTime = time.time()
         self.endTime = None
@@ -175,6 +178,9 @@ class Task:
         if "model" in outputs:
             destination = self.modelDestination or os.path.join(self.workDirectory, MODEL_FOLDER)
             self.modelDirectory = str(job.download("model", destination))
+        if "suggestions" in outputs:
+            self.suggestionsPath = str(job.download("suggestions", os.path.join(self.workDirectory,
+                                                                                SUGGESTIONS_FILE)))
 
     def _captureWorkerLog(self, job):
         folder = getattr(job, "folder", None)
@@ -266,6 +272,10 @@ class Task:
                 self._settle(FAILED, f"the result could not be imported: {error}")
                 raise
         self.segmentationNode = node or self.segmentationNode
+        if self.suggestionsPath is not None:
+            from . import interactive
+
+            self.suggestionsNode = interactive.loadSuggestions(self.scene, self.suggestionsPath)
         self._settle(FINISHED)
         self.removeWorkDirectory(keepModel=True)
         return node
@@ -310,13 +320,14 @@ class Task:
 
 def createTask(scene, kind, client, root, volumeNode=None, pointListNodes=None, classes=None, segmentationNode=None,
                settings=None, modelDirectory=None, replace=False, datasetDirectory=None, strokesSegmentation=None,
-               suggest=0) -> Task:
+               suggest=0, refineModel=None) -> Task:
     """A Task (not started) with its inputs written into a new work folder under ``root``.
 
     kind "segment" (train on the points, segment the volume), "predict" (apply ``modelDirectory``),
     "finetune" (train ``modelDirectory`` further on the points) or "train" (one model on ``datasetDirectory``,
-    saved beside it). ``strokesSegmentation`` and ``suggest`` are issue 9's interactive inputs: they raise
-    NotImplementedError until the engine has them (``interactive.engineFeatures``).
+    saved beside it). A segment job may also take painted ``strokesSegmentation``, ask for ``suggest`` places to
+    click next, and refine ``refineModel`` (the model a segment job kept from this volume); NotImplementedError
+    where the engine lacks them (``interactive.engineFeatures``).
     """
     from . import cohort, interactive, pointlists, results, volumes
 
@@ -348,12 +359,13 @@ def createTask(scene, kind, client, root, volumeNode=None, pointListNodes=None, 
             description = f"{kind} '{volumeNode.GetName()}'"
         if kind in ("predict", "finetune"):
             submit["model"] = str(modelDirectory)
-        if strokesSegmentation is not None or suggest:
+        if strokesSegmentation is not None or suggest or refineModel:
             strokesFile = None
             if strokesSegmentation is not None:
                 strokesFile = interactive.writeStrokes(strokesSegmentation, classes,
                                                        os.path.join(workDirectory, "inputs", "strokes.seg.nrrd"))
-            extras, extraSettings = interactive.submitExtras(interactive.engineFeatures(), None, strokesFile, suggest)
+            extras, extraSettings = interactive.submitExtras(interactive.engineFeatures(), refineModel, strokesFile,
+                                                             suggest)
             submit.update(extras)
             submit["settings"].update(extraSettings)
     except Exception:

@@ -131,7 +131,7 @@ def write_job_inputs(directory, image_kji: np.ndarray, ijk_to_ras, classes: list
 
 def job_settings(device="auto", iterations=None, **extra) -> dict:
     """The `settings` of a job from the module's Advanced section (device, iterations, other engine settings).
-    Iterations None or 0 leave the number to the engine (`pscv.learn.single_case.case_settings`: the device's
+    Iterations None or 0 leave the number to the engine (`pscv.learn.single_case.model_settings`: the device's
     budget)."""
     device = str(device or "auto").lower()
     if device not in DEVICES and not device.startswith("cuda:"):

@@ -278,6 +278,8 @@ def _run_finetune(job: Job, events: Events, should_stop) -> None:
     model = _load_job_model(job)
     known = {f.name for f in fields(TrainSettings)}
     base = {k: v for k, v in (model.metadata.get("settings") or {}).items() if k in known}
+    if base.get("method") == "full":  # e.g. a model `pscv segment` kept: the new case has clicks, not dense labels
+        base["method"] = "pce"
     for key in MODEL_SHAPE_SETTINGS:
         if key in job.settings and job.settings[key] != base.get(key):
             raise PSCVError(f"{job.folder / JOB_FILE}: setting {key} cannot change when fine-tuning (the model "

@@ -1,5 +1,6 @@
-"""The single-case mode: segment one image from its own clicks and strokes, suggest where to click next, and
-train a network on the result when the user wants a model to keep or refine.
+"""The single-case mode: segment one image from its own clicks and strokes, and suggest where to click next.
+
+A network is trained on the result only when the user wants a model to keep or refine.
 
 The segmentation spreads the clicks with a random walker (`random_walker`) inside the region around the organ
 clicks, whose border is taken as background; everything outside it is background. This measured well above
