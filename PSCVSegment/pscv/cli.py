@@ -223,7 +223,6 @@ def _run_segment(args):
         return _run_segment_on_server(args, volume, classes)
     from .data.clicks import write_suggestions
     from .data.segmentations import write_segmentation
-    from .learn.models import load_model, save_model
     from .learn.single_case import (
         check_refinable,
         model_settings,
@@ -234,10 +233,18 @@ def _run_segment(args):
     )
 
     case, network = split_settings({**_settings_overrides(args), "suggest": args.suggest})
-    initial = load_model(args.refine, classes) if args.refine else None
-    if initial is not None:
+    initial = None
+    if args.refine:  # torch is imported only when a network is trained
+        from .learn.models import load_model
+
+        initial = load_model(args.refine, classes)
         check_refinable(initial, volume, args.refine)
-    settings = model_settings(refine=initial is not None, **network)  # checked before any work
+    model_dir = args.save_model or args.refine
+    network_only = sorted(set(network) - {"device", "normalization"})
+    if network_only and not model_dir:
+        raise PSCVError(f"{', '.join(network_only)}: the network's settings; they apply with --save-model DIR or "
+                        "--refine MODEL_DIR (the segmentation's settings are in `pscv segment --help`)")
+    settings = model_settings(refine=initial is not None, **network) if model_dir else None  # checked before work
     started = time.monotonic()
     progress = ConsoleProgress(quiet=args.quiet)
     result = segment_case(volume, clicks, classes, case, network.get("normalization"), progress)
@@ -247,8 +254,9 @@ def _run_segment(args):
         write_suggestions(suggest_points(result, classes, volume.slice_axis(), case.suggest), volume, classes,
                           args.suggest_out)
         done.append(f"{case.suggest} suggestions in {args.suggest_out}")
-    model_dir = args.save_model or args.refine
     if model_dir:
+        from .learn.models import save_model
+
         model = train_case_model(volume, result, classes, settings, len(clicks), initial, progress)
         save_model(model, model_dir)
         done.append(f"model in {model_dir}: {settings.iterations} iterations on {model.metadata['training']['device']}")
