@@ -242,6 +242,7 @@ def _run_segment(args):
     model_dir = args.save_model or args.refine
     network_only = sorted(set(network) - {"device", "normalization"})
     if network_only and not model_dir:
+        model_settings(**network)  # a key that is no setting at all is named as such
         raise PSCVError(f"{', '.join(network_only)}: the network's settings; they apply with --save-model DIR or "
                         "--refine MODEL_DIR (the segmentation's settings are in `pscv segment --help`)")
     settings = model_settings(refine=initial is not None, **network) if model_dir else None  # checked before work
