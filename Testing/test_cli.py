@@ -131,6 +131,8 @@ def test_bench_cohort_trains_the_recipes_on_one_dataset_and_scores_them_on_anoth
     (["segment", str(DATA / f"{CASE}.nrrd"), "--points", str(DATA / f"{CASE}.mrk.json"), "--classes",
       str(DATA / "classes.json"), "--out", "o.seg.nrrd", "--set", "region_margn=1"],
      "the segmentation's: region_margin"),
+    (["segment", str(DATA / f"{CASE}.nrrd"), "--points", str(DATA / f"{CASE}.mrk.json"), "--classes",
+      str(DATA / "classes.json"), "--out", "o.seg.nrrd", "--iterations", "5"], "apply with --save-model"),
 ])
 def test_errors_are_one_clear_line_and_exit_2(tmp_path, arguments, message):
     result = pscv(*arguments, check=False)
