@@ -61,13 +61,13 @@ def random_walker(image: np.ndarray, seeds: np.ndarray, classes: int, spacing_kj
     free = seeds == UNLABELLED
     degree = _neighbour_sum(weights, np.ones_like(image))
     probabilities = np.zeros((classes, *image.shape), dtype=np.float32)
-    seeded = [k for k in range(classes) if np.any(seeds == k)]
-    for k in seeded[:-1]:  # the last class is what the others leave
-        probabilities[k] = _solve(weights, degree, free, (seeds == k).astype(np.float64), tolerance, max_iterations,
-                                  should_stop)
-    if seeded:
-        probabilities[seeded[-1]] = np.clip(1.0 - probabilities.sum(axis=0), 0.0, 1.0)
-        probabilities /= np.maximum(probabilities.sum(axis=0), 1e-6)  # the solver's tolerance, undone
+    # Every class is solved, then the sum scaled to 1: with strong edges the system is ill-conditioned, and taking
+    # one class as what the others leave piles their solver errors onto it (measured: LV Dice 0.27 against 0.80).
+    for k in range(classes):
+        if np.any(seeds == k):
+            probabilities[k] = _solve(weights, degree, free, (seeds == k).astype(np.float64), tolerance,
+                                      max_iterations, should_stop)
+    probabilities /= np.maximum(probabilities.sum(axis=0), 1e-6)
     return probabilities
 
 
