@@ -216,3 +216,27 @@ def test_the_interactive_loop_suggestions_strokes_and_refine(tmp_path):
     assert wrong.returncode == 2 and "another image" in wrong.stderr
     lonely = pscv(*base, "--out", tmp_path / "z.seg.nrrd", "--suggest", "2", check=False)
     assert lonely.returncode == 2 and "go together" in lonely.stderr
+
+
+def test_bench_interactive_runs_a_session_per_method_and_reports_it(tmp_path):
+    """A round of corrections on a prepared cohort (an MS-CMRSeg test case): every method's clicks grow, Grow
+    from seeds runs on exactly the clicks the single-case mode gets in round 0."""
+    cmr = Path(__file__).parent / "Data" / "cmr"
+    pscv("prepare", cmr, "--out", tmp_path / "val", "--cases", cmr / "val_cases.txt")
+    result = pscv("bench", "interactive", "--data", tmp_path / "val", "--rounds", "1", "--out", tmp_path / "bench",
+                  "--set", "region_margin=0.2")
+    assert "| pscv segment (random walker) | 1 |" in result.stdout
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert results["header"]["settings"]["region_margin"] == 0.2
+    methods = results["methods"]
+    assert list(methods) == ["pscv", "grow_from_seeds", "pscv_strokes", "pscv_suggested"]
+    clicks = {name: [row["clicks"] for row in method["summary"]] for name, method in methods.items()}
+    assert clicks["pscv"][0] == clicks["grow_from_seeds"][0] == clicks["pscv_strokes"][0]
+    for counts in clicks.values():
+        assert counts[0] < counts[1]
+    for method in methods.values():
+        scores = method["summary"][-1]["scores"]
+        assert set(scores) == {"Myo", "LV", "RV", "mean"} and 0 < scores["mean"]["dice"] <= 1
+    assert (tmp_path / "bench" / "figure.png").stat().st_size > 10_000
+    wrong = pscv("bench", "interactive", "--data", tmp_path, check=False)
+    assert wrong.returncode == 2 and "neither the ACDC folder" in wrong.stderr

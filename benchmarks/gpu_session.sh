@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (device tool): the paper profile of `pscv bench acdc` (four
-# methods as four concurrent processes), a training-throughput probe, and research sweeps (cohort and
-# single-case) on the ACDC val patients, everything under one deadline. Results come back as one tarball.
+# methods as four concurrent processes), a training-throughput probe, and a research sweep (cohort) on the
+# ACDC val patients, everything under one deadline. Results come back as one tarball.
 #   carry: .gpu (acdc.npz.xz, made by benchmarks/acdc_pack.py pack)
 #   DRY=1 runs the same steps with tiny budgets on the CPU, to check the script before spending GPU time.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/PSCVSegment OMP_NUM_THREADS=2
 OUT=${OUT:-/tmp/pscv-gpu-out}; mkdir -p "$OUT"
 WORK=/tmp/pscv-gpu; mkdir -p $WORK
-DEVICE=cuda; BUDGET=330; PROBE_ITERS=150; SINGLE_CASES=6; PAPER_CASES=10; FORCE='{}'
+DEVICE=cuda; BUDGET=330; PROBE_ITERS=150; FORCE='{}'
 if [ "${DRY:-0}" = 1 ]; then
-  DEVICE=cpu; BUDGET=100; PROBE_ITERS=3; SINGLE_CASES=1; PAPER_CASES=1
+  DEVICE=cpu; BUDGET=100; PROBE_ITERS=3
   FORCE='{"iterations": 2, "image_size": 32, "batch_size": 2}'
 fi
 START=$(date +%s)
@@ -34,24 +34,18 @@ echo "paper profile: $ITERS iterations ($PER_ITER s/iteration with 4 processes) 
 
 for method in pce ms pscv full; do
   timeout $((BUDGET + 120)) python3 -m pscv.cli bench acdc --profile paper --data $WORK/acdc --out $WORK/paper \
-    --methods $method --single-case-volumes 0 --iterations $ITERS --device $DEVICE > $WORK/paper_$method.log 2>&1 &
+    --methods $method --iterations $ITERS --device $DEVICE > $WORK/paper_$method.log 2>&1 &
 done
-timeout $((BUDGET + 120)) python3 -m pscv.cli bench acdc --profile paper --data $WORK/acdc --out $WORK/paper-single \
-  --methods none --single-case-volumes $PAPER_CASES --device $DEVICE > $WORK/paper_single.log 2>&1 &
 timeout $((BUDGET + 60)) python3 benchmarks/sweep.py benchmarks/configs/cohort.json --out $WORK/sweep-cohort \
   --data $WORK/acdc --device $DEVICE --workers 4 --seeds 0,1 --deadline $((BUDGET - 60)) \
   --base '{"iterations": 1500, "image_size": 128}' --force "$FORCE" > $WORK/sweep_cohort.log 2>&1 &
-timeout $((BUDGET + 60)) python3 benchmarks/sweep.py benchmarks/configs/single.json --mode single --out $WORK/sweep-single \
-  --data $WORK/acdc --device $DEVICE --workers 2 --single-cases $SINGLE_CASES --deadline $((BUDGET - 60)) \
-  --force "$FORCE" > $WORK/sweep_single.log 2>&1 &
 wait
 echo "all streams ended at $(elapsed) s"
-# One report with every method measured and the single-case comparison.
-cp $WORK/paper-single/single_case.json $WORK/paper/ 2>/dev/null
+# One report with every method measured. (The single-case mode runs on the CPU: `pscv bench interactive`.)
 python3 -m pscv.cli bench acdc --profile paper --data $WORK/acdc --out $WORK/paper --methods none \
-  --single-case-volumes 0 --device $DEVICE > $WORK/paper_report.log 2>&1
+  --device $DEVICE > $WORK/paper_report.log 2>&1
 rm -rf $WORK/paper/models $WORK/acdc
-tail -n 30 $WORK/sweep_cohort.log $WORK/sweep_single.log
+tail -n 30 $WORK/sweep_cohort.log
 cat $WORK/paper/results.md
 tar czf "$OUT/gpu-results.tgz" -C $WORK .
 echo "done at $(elapsed) s"

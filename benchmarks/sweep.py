@@ -32,9 +32,10 @@ def run_one(config: dict, args) -> dict:
     from pscv.data.classes import ACDC_CLASSES
     from pscv.data.metrics import evaluate_case, mean_scores
     from pscv.learn.inference import evaluate_cases
-    from pscv.learn.single_case import case_settings, segment_case
+    from pscv.learn.single_case import CaseSettings, segment_case
     from pscv.learn.training import TrainSettings, train
-    from pscv.research.bench import grow_from_seeds, load_cases
+    from pscv.research.bench import load_cases
+    from pscv.research.interactive import grow_from_seeds
 
     torch.set_num_threads(args.threads)
     classes = ACDC_CLASSES
@@ -64,7 +65,8 @@ def run_one(config: dict, args) -> dict:
     else:
         per_case, grown = [], []
         for case in val_cases[: args.single_cases]:
-            labelmap, _ = segment_case(case.image, case.clicks, classes, case_settings(**settings))
+            labelmap = segment_case(case.image, case.clicks, classes,
+                                    CaseSettings(**{k: v for k, v in settings.items() if k != "device"})).labelmap
             per_case.append(evaluate_case(labelmap, case.labels, classes))
             if config.get("growcut"):
                 grown.append(evaluate_case(grow_from_seeds(case.image, case.clicks), case.labels, classes))

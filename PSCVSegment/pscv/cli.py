@@ -663,33 +663,43 @@ def _run_prepare_acdc(args):
 
 def _add_bench(subparsers):
     parser = subparsers.add_parser(
-        "bench", help="benchmarks: the recipes on ACDC (and the single-case mode vs Grow from seeds), or on any "
-        "two dataset folders",
+        "bench", help="benchmarks: the recipes on ACDC or on any two dataset folders; the interactive session vs "
+        "Grow from seeds",
         description="acdc: train every recipe with the same clicks and seed on the ACDC train patients, evaluate on "
-        "the val patients, and compare the single-case mode with Grow from seeds on some val volumes. cohort: the "
+        "the val patients. interactive: a simulated user session of the single-case mode (round 0: one random click "
+        "per class present per slice, background included; each later round one click per slice at the most "
+        "interior pixel of the largest wrong region, with its true class), beside 3D Slicer's Grow from seeds "
+        "(FastGrowCut) on the same clicks, a session started from strokes, and one clicking the suggested places; "
+        "on the ACDC val patients, or on a dataset folder with labels (--data). cohort: the "
         "same recipes trained on the dataset folder --train and evaluated on the labelled cases of --val (e.g. two "
         "splits that pscv prepare wrote from a labelled cohort: one random click per class present per slice, "
         "background included, fixed seed; HD95 in mm). Writes a Markdown table (Dice and HD95 per class), a JSON "
         "file and a picture to --out.")
-    parser.add_argument("dataset", choices=["acdc", "cohort"], help="the benchmark")
+    parser.add_argument("dataset", choices=["acdc", "interactive", "cohort"], help="the benchmark")
     parser.add_argument("--profile", choices=["quick", "paper"], default="quick",
                         help="quick: 128 px, 1000 iterations, batch 12, for 2 CPU cores; paper: 256 px, 30000 "
                         "iterations, batch 12, for a GPU")
-    parser.add_argument("--data", default="../shared/data/acdc", help="acdc: the ACDC folder (volumes/, "
-                        "*_patients.txt)")
+    parser.add_argument("--data", default="../shared/data/acdc", help="acdc, interactive: the ACDC folder (volumes/, "
+                        "*_patients.txt); interactive also takes a dataset folder with labels/ (pscv prepare) "
+                        "(default: %(default)s)")
+    parser.add_argument("--split", default="val", choices=["train", "val"],
+                        help="interactive on ACDC: the patients (default: val; tune on train)")
+    parser.add_argument("--cases", type=int, help="interactive: only the first N volumes")
+    parser.add_argument("--rounds", type=int, default=4, help="interactive: correction rounds after round 0 "
+                        "(default: %(default)s)")
     parser.add_argument("--train", metavar="DATASET", help="cohort: the dataset folder to train on (points/; "
                         "labels/ for full)")
     parser.add_argument("--val", metavar="DATASET", help="cohort: the dataset folder to evaluate on (labels/)")
-    parser.add_argument("--out", help="folder for the results (default runs/bench-acdc or runs/bench-cohort)")
+    parser.add_argument("--out", help="folder for the results (default runs/bench-acdc, runs/bench-interactive or "
+                        "runs/bench-cohort)")
     parser.add_argument("--methods", help="comma-separated recipes to train: default (what pscv train does), "
                         "pce, ms, pscv (plain losses), pce+aff+pl (the earlier default: pCE + affinity + "
-                        "pseudo-labels), pscv+aff+pl, pscv+default, full; or none (only the single-case comparison "
-                        "and the report of what --out already holds). Default: pce,ms,pscv,pce+aff+pl,default,full "
-                        "for acdc, pce,pscv,default,full for cohort")
+                        "pseudo-labels), pscv+aff+pl, pscv+default, full; or none (the report of what --out already "
+                        "holds). Default: pce,ms,pscv,pce+aff+pl,default,full for acdc, pce,pscv,default,full for "
+                        "cohort. interactive: pscv, grow_from_seeds, pscv_strokes, pscv_suggested (default: all)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     parser.add_argument("--seed", type=int, default=0, help="training seed (acdc: also the clicks' seed)")
     parser.add_argument("--iterations", type=int, help="override the profile's iterations")
-    parser.add_argument("--single-case-volumes", type=int, help="acdc: val volumes for the single-case comparison")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a training setting for every method, e.g. --set cv_weight=0.05")
     parser.set_defaults(run=_run_bench)
@@ -698,6 +708,8 @@ def _add_bench(subparsers):
 def _run_bench(args):
     from .research.bench import COHORT_RECIPES, DEFAULT_RECIPES, run_acdc_benchmark, run_cohort_benchmark
 
+    if args.dataset == "interactive":
+        return _run_bench_interactive(args)
     overrides = _parse_set(args.set)
     chosen = args.methods or ",".join(DEFAULT_RECIPES if args.dataset == "acdc" else COHORT_RECIPES)
     methods = [] if chosen == "none" else [m.strip() for m in chosen.split(",") if m.strip()]
@@ -705,12 +717,21 @@ def _run_bench(args):
                   iterations=args.iterations, overrides=overrides, progress=ConsoleProgress(),
                   command="pscv " + " ".join(sys.argv[1:]))
     if args.dataset == "acdc":
-        return run_acdc_benchmark(args.data, args.out or "runs/bench-acdc",
-                                  single_case_volumes=args.single_case_volumes, **common)
+        return run_acdc_benchmark(args.data, args.out or "runs/bench-acdc", **common)
     if not (args.train and args.val):
         raise PSCVError("bench cohort needs --train DATASET and --val DATASET (dataset folders, e.g. from pscv "
                         "prepare)")
     run_cohort_benchmark(args.train, args.val, args.out or "runs/bench-cohort", **common)
+
+
+def _run_bench_interactive(args):
+    from .research.interactive import METHODS, run_interactive_benchmark
+
+    if args.rounds < 0 or (args.cases is not None and args.cases < 1):
+        raise PSCVError("--rounds must be 0 or more and --cases 1 or more")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
+    run_interactive_benchmark(args.data, args.out or "runs/bench-interactive", args.split, args.cases, args.rounds,
+                              methods, args.seed, _parse_set(args.set))
 
 
 def _add_export(subparsers):

@@ -2,9 +2,8 @@
 
 `acdc`: every recipe trains with the same simulated clicks (those `pscv prepare-acdc` writes) and seed on
 the ACDC train patients and is evaluated on the val patients (Dice and HD95 per class on the native grid;
-ACDC stores no spacing, so HD95 is in voxels). Then the single-case mode (train on one volume's own
-clicks, every slice clicked) runs on some val volumes beside 3D Slicer's Grow from seeds (FastGrowCut,
-PyPI `itk-growcut`) given the very same clicks.
+ACDC stores no spacing, so HD95 is in voxels). The single-case mode has its own benchmark, a simulated
+user session beside Grow from seeds: `pscv bench interactive` (`research.interactive`).
 
 `cohort`: the same recipes on any two dataset folders, one to train on (its points, and its labels for
 `full`) and one to evaluate on (its labels), such as `pscv prepare` writes from a labelled cohort (one random
@@ -46,9 +45,9 @@ COHORT_RECIPES = ("pce", "pscv", "default", "full")
 
 PROFILES = {
     # 2 CPU cores, well inside 45 minutes for everything.
-    "quick": {"image_size": 128, "iterations": 1000, "batch_size": 12, "single_case_volumes": 4},
+    "quick": {"image_size": 128, "iterations": 1000, "batch_size": 12},
     # A GPU: the usual weakly-supervised ACDC recipe.
-    "paper": {"image_size": 256, "iterations": 30000, "batch_size": 12, "single_case_volumes": 20},
+    "paper": {"image_size": 256, "iterations": 30000, "batch_size": 12},
 }
 
 
@@ -87,58 +86,6 @@ def run_method(method, train_cases, val_cases, classes, settings_dict, out: Path
     return result
 
 
-def grow_from_seeds(volume, clicks) -> np.ndarray:
-    """3D Slicer's Grow from seeds (FastGrowCut) from the same clicks: label map of class values."""
-    import itk
-
-    from ..data.intensity import DEFAULT_NORMALIZATION, normalize
-
-    seeds = np.zeros(volume.shape, dtype=np.uint8)
-    values = np.unique(clicks.values)
-    lookup = {int(v): n + 1 for n, v in enumerate(values)}  # growcut: 0 = unlabelled
-    seeds[tuple(clicks.kji.T)] = [lookup[int(v)] for v in clicks.values]
-    scaled = normalize(volume.array, DEFAULT_NORMALIZATION) * 1000  # FastGrowCut takes short integers
-    image = itk.image_from_array(scaled.astype(np.int16))
-    image.SetSpacing([float(s) for s in volume.spacing])
-    seed_image = itk.image_from_array(seeds)
-    seed_image.SetSpacing([float(s) for s in volume.spacing])
-    grown = itk.array_from_image(itk.fast_grow_cut(image, seed_image=seed_image, distance_penalty=0.0))
-    return np.concatenate([[0], values])[grown].astype(np.uint8)
-
-
-def run_single_case(cases, classes, device, count, progress=None) -> dict:
-    """The single-case mode (default budget) and Grow from seeds on the first `count` val volumes.
-
-    Grow from seeds is left out, and said so, where `itk-growcut` is not installed.
-    """
-    import importlib.util
-
-    from ..data.metrics import evaluate_case, mean_scores
-    from ..learn.single_case import case_settings, segment_case
-
-    growcut = importlib.util.find_spec("itk") is not None
-    if not growcut:
-        print("bench: itk-growcut is not installed: Grow from seeds not measured (pip install itk-growcut)")
-    rows = []
-    for case in cases[:count]:
-        spacing = case.image.spacing[::-1]
-        started = time.monotonic()
-        labelmap, _ = segment_case(case.image, case.clicks, classes, case_settings(device), progress)
-        row = {"case": case.name, "clicks": len(case.clicks), "pscv_seconds": time.monotonic() - started,
-               "pscv": evaluate_case(labelmap, case.labels, classes, spacing)}
-        if growcut:
-            started = time.monotonic()
-            grown = grow_from_seeds(case.image, case.clicks)
-            row["grow_from_seeds_seconds"] = time.monotonic() - started
-            row["grow_from_seeds"] = evaluate_case(grown, case.labels, classes, spacing)
-        rows.append(row)
-    summary = {}
-    for method in ("pscv", "grow_from_seeds") if growcut else ("pscv",):
-        summary[method] = {"mean": mean_scores([r[method]["mean"] for r in rows]),
-                           "seconds": float(np.mean([r[f"{method}_seconds"] for r in rows]))}
-    return {"settings": case_settings(device).to_dict(), "cases": rows, "summary": summary}
-
-
 def method_table(results: dict, unit: str) -> list[str]:
     """One row per recipe: Dice and HD95 per class, their means, time and speed."""
     names = [n for n in next(iter(results.values()))["scores"] if n != "mean"]
@@ -154,7 +101,7 @@ def method_table(results: dict, unit: str) -> list[str]:
     return lines
 
 
-def markdown_report(results: dict, single: dict | None, header: dict) -> str:
+def markdown_report(results: dict, header: dict) -> str:
     unit = header.get("hd95_unit", "voxels")
     lines = [f"# {header.get('name', 'ACDC')} benchmark ({header['profile']} profile)", "",
              f"- date: {header['date']}", f"- machine: {header['machine']}", f"- command: `{header['command']}`",
@@ -170,30 +117,7 @@ def markdown_report(results: dict, single: dict | None, header: dict) -> str:
                   f"(pscv: pCE + contrastive variance, lambda {weight}); "
                   "+aff+pl = with the affinity (CRF-like) and EMA pseudo-label terms; pscv+default = the default "
                   "recipe with the contrastive variance term; full = dense labels (upper bound)."]
-    if single:
-        lines += single_case_table(single)
     return "\n".join(lines) + "\n"
-
-
-def single_case_table(single: dict) -> list[str]:
-    settings = single["settings"]
-    lines = ["", f"## Single-case mode vs Grow from seeds ({len(single['cases'])} val volumes, every slice "
-             f"clicked; default budget {settings['iterations']} iterations at {settings['image_size']} px, "
-             f"{settings['method']} + affinity {settings['affinity_weight']} + pseudo-labels "
-             f"{settings['pseudo_weight']}, region margin {settings['roi_margin']})", "",
-             "| case | clicks | pscv segment Dice | pscv segment s | Grow from seeds Dice | Grow from seeds s |",
-             "|---|---|---|---|---|---|"]
-    for row in single["cases"]:
-        growcut = row.get("grow_from_seeds")
-        lines.append(f"| {row['case']} | {row['clicks']} | {row['pscv']['mean']['dice']:.4f} | "
-                     f"{row['pscv_seconds']:.1f} | " + (f"{growcut['mean']['dice']:.4f} | "
-                     f"{row['grow_from_seeds_seconds']:.1f} |" if growcut else "not measured | |"))
-    summary = single["summary"]
-    growcut = summary.get("grow_from_seeds")
-    lines.append(f"| **mean** | | **{summary['pscv']['mean']['dice']:.4f}** | {summary['pscv']['seconds']:.1f} | "
-                 + (f"**{growcut['mean']['dice']:.4f}** | {growcut['seconds']:.1f} |" if growcut
-                    else "not measured | |"))
-    return lines
 
 
 def draw_figure(results: dict, val_cases, classes, out: Path, device) -> Path:
@@ -242,16 +166,14 @@ def draw_figure(results: dict, val_cases, classes, out: Path, device) -> Path:
     return path
 
 
-def benchmark_settings(profile, device, seed, iterations, overrides) -> tuple[dict, int]:
-    """(training settings of every recipe, default number of single-case volumes) of a profile."""
+def benchmark_settings(profile, device, seed, iterations, overrides) -> dict:
+    """The training settings of every recipe in a profile."""
     if profile not in PROFILES:
         raise PSCVError(f"unknown profile {profile!r}; choose {', '.join(PROFILES)}")
-    profile_settings = dict(PROFILES[profile])
-    count = profile_settings.pop("single_case_volumes")
-    settings = {**profile_settings, "device": device, "seed": seed, **(overrides or {})}
+    settings = {**PROFILES[profile], "device": device, "seed": seed, **(overrides or {})}
     if iterations:
         settings["iterations"] = iterations
-    return settings, count
+    return settings
 
 
 def check_recipes(methods) -> None:
@@ -266,18 +188,16 @@ def train_recipes(methods, train_cases, val_cases, classes, settings, out: Path,
         run_method(method, train_cases, val_cases, classes, settings, out, progress)
 
 
-def write_results(out: Path, header: dict, single, val_cases, classes, device) -> Path:
-    """Every recipe measured in `out` (in a fixed order) and the single-case comparison: results.md, .json and
-    the figure."""
+def write_results(out: Path, header: dict, val_cases, classes, device) -> Path:
+    """Every recipe measured in `out` (in a fixed order): results.md, .json and the figure."""
     results = {}
     for method in RECIPES:
         path = out / "methods" / f"{method}.json"
         if path.is_file():
             results[method] = json.loads(path.read_text())
-    report = markdown_report(results, single, header)
+    report = markdown_report(results, header)
     write_text_atomic(out / "results.md", report)
-    write_text_atomic(out / "results.json", json.dumps({"header": header, "methods": results, "single_case": single},
-                                                       indent=1) + "\n")
+    write_text_atomic(out / "results.json", json.dumps({"header": header, "methods": results}, indent=1) + "\n")
     if results:
         draw_figure(results, val_cases, classes, out, device)
     print(report)
@@ -285,32 +205,23 @@ def write_results(out: Path, header: dict, single, val_cases, classes, device) -
 
 
 def run_acdc_benchmark(data, out, profile="quick", methods=DEFAULT_RECIPES, device="auto", seed=0,
-                       iterations=None, single_case_volumes=None, overrides=None, progress=None,
-                       command="pscv bench acdc") -> Path:
+                       iterations=None, overrides=None, progress=None, command="pscv bench acdc") -> Path:
     from ..learn.devices import resolve_device
 
-    settings, default_count = benchmark_settings(profile, device, seed, iterations, overrides)
+    settings = benchmark_settings(profile, device, seed, iterations, overrides)
     check_recipes(methods)
     data, out = Path(data), Path(out)
     if not (data / "volumes").is_dir():
         raise PSCVError(f"{data}: not the ACDC folder (expected volumes/ and *_patients.txt); pass --data")
     resolved = resolve_device(device)
-    count = default_count if single_case_volumes is None else single_case_volumes
     classes = ACDC_CLASSES
     train_cases, val_cases = load_cases(data, "train", seed), load_cases(data, "val", seed)
     train_recipes(methods, train_cases, val_cases, classes, settings, out, progress)
-    single = None
-    if count:
-        print(f"bench: single-case mode and Grow from seeds on {count} val volumes", flush=True)
-        single = run_single_case(val_cases, classes, device, count, progress)
-        write_text_atomic(out / "single_case.json", json.dumps(single, indent=1) + "\n")
-    elif (out / "single_case.json").is_file():
-        single = json.loads((out / "single_case.json").read_text())
     header = {"name": "ACDC", "profile": profile, "date": time.strftime("%Y-%m-%d"),
               "machine": machine_description(resolved), "command": command, "train_cases": len(train_cases),
               "val_cases": len(val_cases), "seed": seed, "hd95_unit": "voxels",
               "clicks": f"one per class present per slice (seed {seed})"}
-    return write_results(out, header, single, val_cases, classes, resolved)
+    return write_results(out, header, val_cases, classes, resolved)
 
 
 def load_dataset_cases(folder, labels_needed: bool):
@@ -332,7 +243,7 @@ def run_cohort_benchmark(train, val, out, profile="quick", methods=COHORT_RECIPE
     """The recipes trained on the dataset folder `train` and evaluated on the labelled cases of `val`."""
     from ..learn.devices import resolve_device
 
-    settings, _ = benchmark_settings(profile, device, seed, iterations, overrides)
+    settings = benchmark_settings(profile, device, seed, iterations, overrides)
     check_recipes(methods)
     classes, train_cases = load_dataset_cases(train, labels_needed="full" in methods)
     val_classes, val_cases = load_dataset_cases(val, labels_needed=True)
@@ -345,4 +256,4 @@ def run_cohort_benchmark(train, val, out, profile="quick", methods=COHORT_RECIPE
               "date": time.strftime("%Y-%m-%d"), "machine": machine_description(resolved), "command": command,
               "train_cases": len(train_cases), "val_cases": len(val_cases), "seed": seed, "hd95_unit": "mm",
               "clicks": "those of the train dataset's points/ (pscv prepare: one per class present per slice)"}
-    return write_results(out, header, None, val_cases, classes, resolved)
+    return write_results(out, header, val_cases, classes, resolved)

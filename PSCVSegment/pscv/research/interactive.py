@@ -35,22 +35,23 @@ LABELS = {"pscv": "pscv segment (random walker)", "grow_from_seeds": "Grow from 
 def load_session_cases(data, split: str = "val", seed: int = 0, count: int | None = None):
     """(classes, cases with clicks and labels): an ACDC folder's split, or a dataset folder with labels/
     (`pscv prepare`), whose points are round 0's clicks."""
-    from ..data.dataset import load_case, read_dataset
+    from .bench import load_cases, load_dataset_cases
 
     data = Path(data)
     if (data / "classes.json").is_file() and (data / "images").is_dir():
-        classes, entries = read_dataset(data)
-        unlabelled = [entry.name for entry in entries if entry.labels is None or entry.points is None]
-        if unlabelled:
-            raise PSCVError(f"{data}: case(s) {', '.join(unlabelled[:5])} lack labels/ or points/; the session "
-                            "needs both (make the folder with `pscv prepare`)")
-        cases = [load_case(entry, classes, points=True, labels=True) for entry in entries[:count]]
-    else:
+        classes, cases = load_dataset_cases(data, labels_needed=True)
+        unclicked = [case.name for case in cases if case.clicks is None]
+        if unclicked:
+            raise PSCVError(f"{data}: case(s) {', '.join(unclicked[:5])} have no points/; the session starts from "
+                            "them (make the folder with `pscv prepare`)")
+        cases = cases[:count]
+    elif (data / "volumes").is_dir():
         from ..data.classes import ACDC_CLASSES
-        from .bench import load_cases
 
-        classes = ACDC_CLASSES
-        cases = load_cases(data, split, seed)[:count]
+        classes, cases = ACDC_CLASSES, load_cases(data, split, seed)[:count]
+    else:
+        raise PSCVError(f"{data}: neither the ACDC folder (volumes/, *_patients.txt) nor a dataset folder "
+                        "(classes.json, images/, points/, labels/: `pscv prepare`); pass --data")
     if not cases:
         raise PSCVError(f"{data}: no cases to run")
     return classes, cases
@@ -124,8 +125,9 @@ def grow_from_seeds(volume, clicks: Clicks) -> np.ndarray:
     return np.concatenate([[0], values])[grown]
 
 
-def run_session(case, classes, method: str, rounds: int) -> list[dict]:
-    """One simulated user session of `method` on `case`: per round the clicks so far, the scores, seconds."""
+def run_session(case, classes, method: str, rounds: int, settings=None) -> list[dict]:
+    """One simulated user session of `method` on `case`: per round the clicks so far, the scores, seconds.
+    `settings`: the single-case mode's `CaseSettings` (default: the defaults)."""
     from ..learn.single_case import segment_case, suggest_points
 
     axis = case.image.slice_axis()
@@ -137,7 +139,7 @@ def run_session(case, classes, method: str, rounds: int) -> list[dict]:
         if method == "grow_from_seeds":
             labelmap, result = grow_from_seeds(case.image, clicks), None
         else:
-            result = segment_case(case.image, clicks, classes)
+            result = segment_case(case.image, clicks, classes, settings)
             labelmap = result.labelmap
         seconds = time.monotonic() - started
         rows.append({"round": round_number, "clicks": actions, "seconds": round(seconds, 3),
@@ -170,7 +172,8 @@ def summarize(per_case: dict, classes) -> list[dict]:
 def markdown_report(results: dict, classes, header: dict) -> str:
     names = [info.name for info in classes if info.value != 0]
     lines = [f"# Interactive session: {header['data']} ({header['cases']} volumes)", "",
-             f"{header['date']}, {header['machine']}, commit {header['commit']}. Round 0: one random click per class "
+             f"{header['date']}, {header['machine']}, commit {header['commit']}; settings {header['settings']}. "
+             "Round 0: one random click per class "
              "present in each slice, background included; round r: one click per slice at the most interior "
              "pixel of the largest wrong region, with its true class.", "",
              "| method | round | clicks (or strokes) | mean Dice | " + " | ".join(names)
@@ -208,19 +211,28 @@ def draw_figure(results: dict, header: dict, path: Path) -> Path:
     return path
 
 
-def run_interactive_benchmark(data, out, split="val", cases=None, rounds=4, methods=METHODS, seed=0) -> dict:
-    """Run the session for every method on every case; write results.json, results.md and figure.png."""
+def run_interactive_benchmark(data, out, split="val", cases=None, rounds=4, methods=METHODS, seed=0,
+                              overrides=None) -> dict:
+    """Run the session for every method on every case; write results.json, results.md and figure.png.
+    `overrides`: segmentation settings (`CaseSettings` keys) other than the defaults."""
     import importlib.util
     import os
     import platform
     import subprocess
 
+    from ..learn.single_case import CaseSettings
+
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise PSCVError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    if "grow_from_seeds" in methods and importlib.util.find_spec("itk") is None:
-        raise PSCVError("Grow from seeds needs itk-growcut: pip install 'pscv-segment[bench]' (or itk-growcut), or "
-                        "leave grow_from_seeds out of --methods")
+    if "grow_from_seeds" in methods:
+        if importlib.util.find_spec("itk") is None:
+            raise PSCVError("Grow from seeds needs itk-growcut (pip install itk-growcut), or leave grow_from_seeds "
+                            "out of --methods")
+        import itk
+
+        _ = itk.fast_grow_cut  # itk loads its modules lazily (about 10 s): not inside the first volume's time
+    settings = CaseSettings(**(overrides or {}))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     classes, loaded = load_session_cases(data, split, seed, cases)
@@ -228,12 +240,12 @@ def run_interactive_benchmark(data, out, split="val", cases=None, rounds=4, meth
                             cwd=Path(__file__).parent).stdout.strip() or "unknown"
     header = {"data": f"{Path(data).name}" + (f" {split}" if not (Path(data) / "images").is_dir() else ""),
               "cases": len(loaded), "rounds": rounds, "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit,
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores"}
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "settings": settings.to_dict()}
     results = {}
     for method in methods:
         per_case = {}
         for number, case in enumerate(loaded, start=1):
-            per_case[case.name] = run_session(case, classes, method, rounds)
+            per_case[case.name] = run_session(case, classes, method, rounds, settings)
             dice = " ".join(f"{row['scores']['mean']['dice']:.3f}" for row in per_case[case.name])
             print(f"bench interactive: {method} {number}/{len(loaded)} {case.name}: Dice by round {dice}", flush=True)
         results[method] = {"cases": per_case, "summary": summarize(per_case, classes)}
