@@ -217,12 +217,14 @@ def test_pscv_segment_with_server_runs_there_and_writes_here(service, tiny_case,
                str(tiny_case["points"][0]), "--classes", str(tiny_case["classes"]), "--out", str(out),
                "--save-model", str(tmp_path / "model"), "--server", service.url, "--device", "cpu",
                "--iterations", "2", "--image-size", "32", "--batch-size", "2", "--set", "widths=[4,8]",
-               "--set", "dropout=[0,0]"]
+               "--set", "dropout=[0,0]", "--suggest", "2", "--suggest-out", str(tmp_path / "next.mrk.json")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PSCV_TOKEN": TOKEN})
     assert result.returncode == 0, result.stderr
     assert f"on {service.url}, cpu" in result.stdout
     assert read_segmentation(out, load_model(tmp_path / "model").classes).shape == (3, 32, 32)
+    suggested = json.loads((tmp_path / "next.mrk.json").read_text())["markups"][0]["controlPoints"]
+    assert len(suggested) == 2
     result = subprocess.run(command, capture_output=True, text=True, timeout=60,
                             env={**os.environ, "PSCV_TOKEN": "wrong"})
     assert result.returncode == 2 and "needs its token" in result.stderr and "Traceback" not in result.stderr

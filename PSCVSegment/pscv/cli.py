@@ -217,34 +217,29 @@ def _segment_inputs(args):
 
 
 def _run_segment(args):
+    from .learn.single_case import model_settings, split_settings
+
     _check_segment_arguments(args)
     classes, volume, clicks = _segment_inputs(args)
-    if args.server:  # the inputs are checked here, the job runs there
-        return _run_segment_on_server(args, volume, classes)
-    from .data.clicks import write_suggestions
-    from .data.segmentations import write_segmentation
-    from .learn.single_case import (
-        check_refinable,
-        model_settings,
-        segment_case,
-        split_settings,
-        suggest_points,
-        train_case_model,
-    )
-
     case, network = split_settings({**_settings_overrides(args), "suggest": args.suggest})
-    initial = None
-    if args.refine:  # torch is imported only when a network is trained
-        from .learn.models import load_model
-
-        initial = load_model(args.refine, classes)
-        check_refinable(initial, volume, args.refine)
     model_dir = args.save_model or args.refine
     network_only = sorted(set(network) - {"device", "normalization"})
     if network_only and not model_dir:
         model_settings(**network)  # a key that is no setting at all is named as such
         raise PSCVError(f"{', '.join(network_only)}: the network's settings; they apply with --save-model DIR or "
                         "--refine MODEL_DIR (the segmentation's settings are in `pscv segment --help`)")
+    if args.server:  # the inputs are checked here, the job runs there
+        return _run_segment_on_server(args, volume, classes)
+    from .data.clicks import write_suggestions
+    from .data.segmentations import write_segmentation
+    from .learn.single_case import check_refinable, segment_case, suggest_points, train_case_model
+
+    initial = None
+    if args.refine:  # torch is imported only when a network is trained
+        from .learn.models import load_model
+
+        initial = load_model(args.refine, classes)
+        check_refinable(initial, volume, args.refine)
     settings = model_settings(refine=initial is not None, **network) if model_dir else None  # checked before work
     started = time.monotonic()
     progress = ConsoleProgress(quiet=args.quiet)
