@@ -123,7 +123,7 @@ def main():
     scores = ", ".join(f"{name} {dice[name]:.2f}" for name in names) if dice else ""
     figure.suptitle(
         f"PSCV Segment on the ACDC sample: {sum(len(v) for v in clicks.values())} clicks "
-        f"({', '.join(f'{n} {len(v)}' for n, v in clicks.items())}) -> segments in {seconds / 60:.1f} min on {device}"
+        f"({', '.join(f'{n} {len(v)}' for n, v in clicks.items())}) -> segments in {seconds:.0f} s on {device}"
         f" ({os.cpu_count()} cores, load {os.getloadavg()[0]:.0f})"
         + (f"; Dice {scores}" if scores else ""), fontsize=10)
     figure.text(0.5, 0.015, "Rendered with matplotlib from a real run of the module's job and MRML code "
