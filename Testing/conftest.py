@@ -1,7 +1,12 @@
 """Shared test helpers: tiny job inputs (a small two-class volume, its clicks and classes) and settings
-that train in a fraction of a second, so tests that start real worker processes stay fast."""
+that train in a fraction of a second, so tests that start real worker processes stay fast; small full or
+read-only disks (tmpfs, root only) and other helpers of the hostile-input tests."""
 
+import contextlib
+import errno
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -49,3 +54,44 @@ def write_tiny_job(folder, kind: str = "segment", **settings) -> Path:
 @pytest.fixture
 def tiny_case(tmp_path) -> dict:
     return write_tiny_case(tmp_path / "case")
+
+
+@contextlib.contextmanager
+def small_disk(path, size: str = "256k", full: bool = False, read_only: bool = False):
+    """A tmpfs of `size` mounted at `path` (needs root; the test is skipped without the permission), filled up
+    when `full`, remounted read-only when `read_only` (what is written into it before stays readable)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"a full or read-only disk needs permission to mount a tmpfs ({mounted.stderr.decode().strip()})")
+    try:
+        if full:
+            fill(path / ".filler")
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(path) -> None:
+    """Write `path` until its disk is full."""
+    with open(path, "wb", buffering=0) as out:
+        try:
+            while True:
+                out.write(b"\0" * 4096)
+        except OSError as error:
+            assert error.errno == errno.ENOSPC, error
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended (and, for a while, belongs to no other)."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def files_under(folder) -> dict:
+    """Every file under `folder` (hidden ones included) with its bytes: to compare before and after."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}

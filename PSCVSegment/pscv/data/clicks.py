@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import PSCVError
+from ..base.jsonfile import read_json
 from .classes import ClassInfo
 from .geometry import ras_to_lps, round_index
 from .volumes import Volume
@@ -161,25 +162,13 @@ class _Point:
 
 
 def _load_json(path: Path):
-    if not path.exists():
-        raise PSCVError(f"{path}: no such markups file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise PSCVError(f"{path}: not a text file; expected Slicer markups JSON (.mrk.json)") from None
-    if not text.strip():
-        raise PSCVError(f"{path}: the file is empty; save the point list again from 3D Slicer")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise PSCVError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
-                        "the file may be truncated: save the point list again from 3D Slicer") from None
+    return read_json(path, "markups file", fix="; save the point list again from 3D Slicer")
 
 
 def _units_scale(path: Path, where: str, units) -> float:
     if isinstance(units, list) and units:
         units = units[0]
-    scale = {None: 1.0, "mm": 1.0, "um": 0.001}.get(units)
+    scale = {None: 1.0, "mm": 1.0, "um": 0.001}.get(units) if units is None or isinstance(units, str) else None
     if scale is None:
         raise PSCVError(f"{path}: {where} has coordinateUnits {units!r}; expected \"mm\" or \"um\"")
     return scale
@@ -209,7 +198,11 @@ def _markups_points(path: Path) -> list[_Point]:
         if system not in ("LPS", "RAS"):
             raise PSCVError(f"{path}: {where} has coordinateSystem {system!r}; expected \"LPS\" or \"RAS\"")
         scale = _units_scale(path, where, markup.get("coordinateUnits"))
-        for index, point in enumerate(markup.get("controlPoints") or [], start=1):
+        control_points = markup.get("controlPoints") or []
+        if not isinstance(control_points, list):
+            raise PSCVError(f"{path}: {where}: \"controlPoints\" must be a list of points, got "
+                            f"{type(control_points).__name__} {str(control_points)[:40]}")
+        for index, point in enumerate(control_points, start=1):
             if not isinstance(point, dict):
                 raise PSCVError(f"{path}: {where}, control point #{index} is not a JSON object")
             if point.get("positionStatus", "defined") != "defined":
@@ -245,9 +238,11 @@ def _fcsv_points(path: Path) -> list[_Point]:
     if not path.exists():
         raise PSCVError(f"{path}: no such fiducial file")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of the text
     except UnicodeDecodeError:
         raise PSCVError(f"{path}: not a text file; expected a Slicer fiducial CSV (.fcsv)") from None
+    except OSError as error:
+        raise PSCVError(f"{path}: cannot be read ({error.strerror or error})") from None
     if not any(line.strip() for line in lines):
         raise PSCVError(f"{path}: the file is empty; save the point list again from 3D Slicer")
     list_name = path.name[: -len(".fcsv")] if path.name.lower().endswith(".fcsv") else path.stem
@@ -279,6 +274,9 @@ def _fcsv_points(path: Path) -> list[_Point]:
 
 def _read_points(path: str | Path) -> list[_Point]:
     path = Path(path)
+    if path.is_dir():
+        raise PSCVError(f"{path}: is a folder; give the clicks files in it (.mrk.json or .fcsv), e.g. "
+                        f"{path}/*.mrk.json")
     if path.name.lower().endswith(".fcsv"):
         return _fcsv_points(path)
     if path.name.lower().endswith(".json"):

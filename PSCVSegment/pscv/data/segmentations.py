@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import PSCVError
 from ..base.atomic import atomic_path
-from .classes import ClassInfo
+from .classes import ClassInfo, check_terminology
 from .formats import (
     DICOM_SEG_SUFFIX,
     EXPORT_FORMATS,
@@ -90,17 +90,9 @@ def checked_labelmap(labelmap: np.ndarray, volume: Volume, classes: list[ClassIn
 
 def class_terminology(info: ClassInfo) -> dict:
     """The class's terminology as a slicerio-style dict, checked; the default "Tissue" when it has none."""
-    terminology = info.terminology or DEFAULT_TERMINOLOGY
-    for key in ("category", "type", "typeModifier", "anatomicRegion", "anatomicRegionModifier"):
-        code = terminology.get(key)
-        required = key in ("category", "type")
-        if code is None and not required:
-            continue
-        if not (isinstance(code, (list, tuple)) and len(code) == 3 and all(isinstance(s, str) for s in code)
-                and code[0] and code[1]):
-            raise PSCVError(f"class {info.name!r}: terminology \"{key}\" must be [coding scheme, code value, "
-                            f"code meaning], e.g. [\"SCT\", \"80891009\", \"Heart\"]; got {code!r}")
-    return terminology
+    if info.terminology is None:
+        return DEFAULT_TERMINOLOGY
+    return check_terminology(info.terminology, f"class {info.name!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -154,7 +146,7 @@ def seg_nrrd_fields(volume: Volume, classes: list[ClassInfo]) -> dict[str, str]:
     extent = " ".join(f"0 {n - 1}" for n in volume.shape[::-1])
     fields = {}
     for number, info in enumerate(c for c in classes if c.value != 0):
-        if any(ord(ch) < 32 for ch in info.name):
+        if any(ord(ch) < 32 for ch in info.name):  # parse_classes refuses these; a ClassInfo made in code may not
             raise PSCVError(f"class {info.name!r}: a segment name cannot hold line breaks or control characters")
         segment = {
             "Color": " ".join(f"{c / 255:.6g}" for c in info.color),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .. import PSCVError
 from ..base.atomic import write_text_atomic
+from ..base.jsonfile import read_json
 from ..data.formats import SEGMENTATION_SUFFIXES
 
 VERSION = 1
@@ -92,18 +93,10 @@ def read_job(folder) -> Job:
     source = folder / JOB_FILE
     if not folder.is_dir():
         raise PSCVError(f"{folder}: no such job folder")
-    try:
-        text = source.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    if not source.exists():
         raise PSCVError(f"{source}: missing; a job folder needs job.json saying what to do "
-                        "(see docs/ENGINE_API.md, Jobs)") from None
-    except (UnicodeDecodeError, OSError) as error:
-        raise PSCVError(f"{source}: cannot be read ({error})") from None
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise PSCVError(f"{source}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
-                        "write the job again") from None
+                        "(see docs/ENGINE_API.md, Jobs)")
+    document = read_json(source, "job file", fix="; write the job again")
     if not isinstance(document, dict):
         raise PSCVError(f"{source}: expected a JSON object with \"kind\", \"inputs\", \"settings\", \"outputs\"")
     if document.get("version", VERSION) != VERSION:

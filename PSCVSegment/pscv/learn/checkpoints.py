@@ -67,10 +67,12 @@ def read_state(path: str | Path) -> dict:
     if _version_tuple(header.get("engine_version", "0")) > _version_tuple(__version__):
         raise PSCVError(f"{path}: written by pscv {header['engine_version']}, newer than this pscv {__version__}; "
                         "upgrade pscv to resume it")
-    try:
-        return json.loads(header["state"])
-    except (KeyError, json.JSONDecodeError) as error:
-        raise PSCVError(f"{path}: damaged checkpoint description ({error})") from None
+    from ..base.jsonfile import parse_json
+
+    state = parse_json(header.get("state", ""), f"{path}: damaged checkpoint description", fix="; start a new run")
+    if not isinstance(state, dict):
+        raise PSCVError(f"{path}: damaged checkpoint description; start a new run")
+    return state
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
