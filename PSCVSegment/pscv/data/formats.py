@@ -45,6 +45,10 @@ EXPORT_FORMATS = {
 }
 
 
+# A model folder's files (pscv.learn.models writes them; named here so that checks need no torch).
+MODEL_FILES = ("model.safetensors", "model.json", "model_card.json")
+
+
 def listing(suffixes, last: str = "or") -> str:
     """`.a, .b or .c`: suffixes in messages and help texts."""
     suffixes = list(suffixes)
