@@ -107,6 +107,18 @@ def test_classes_are_checked_before_training(capsys, case, no_training, change, 
     refused(capsys, case["root"], *segment(case, **{"--classes": case["root"] / "in"}), message="is a folder")
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("image_size=abc", "setting image_size: got 'abc'; it takes a multiple of 16 from 32 to 4096"),
+    ("iterations=2.5", "setting iterations: got 2.5; it takes an integer from 1 to 10000000"),
+    ("widths=[]", "setting widths: got []; it takes a list of 1 to 8 channel counts"),
+    ("normalization=5", "setting normalization: got 5; it takes {\"mode\": \"percentile\""),
+    ("cv_wieght=1", "'cv_wieght' (did you mean cv_weight?)"),
+    ("widths=[4,8,16]", "setting dropout: got [0.0, 0.0]; it takes a rate per width: 3 of them"),
+])
+def test_bad_settings_name_the_key_what_it_got_and_what_it_takes(capsys, case, no_training, setting, message):
+    refused(capsys, case["root"], *segment(case), "--set", setting, message=message)
+
+
 # Resources --------------------------------------------------------------------------------------------------
 
 

@@ -24,7 +24,7 @@ RANKS = {"base": 0, "data": 1, "learn": 2, "jobs": 3, "research": 4, "top": 5}
 TOP = {"pscv.cli", "pscv.__main__", "pscv.slicer_inputs"}
 # The modules 3D Slicer's own process imports: they never import torch, not even inside a function.
 TORCH_FREE = ["pscv.jobs.folder", "pscv.jobs.staging", "pscv.jobs.processes", "pscv.jobs.client",
-              "pscv.slicer_inputs"]
+              "pscv.slicer_inputs", "pscv.learn.settings"]
 TORCH_FREE_PACKAGES = ("pscv.base", "pscv.data")
 MAX_FUNCTION_LINES = 80
 

@@ -1,6 +1,7 @@
 """Models save with their metadata and model card, load without executing code, and refuse what does not fit."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -93,3 +94,57 @@ def test_a_pickle_is_never_loaded(tmp_path, model_and_volume):
     torch.save(model_and_volume[0].network.state_dict(), tmp_path / "m" / "model.safetensors")  # a pickle
     with pytest.raises(PSCVError, match="damaged or mismatched weights"):
         load_model(tmp_path / "m")
+
+
+DAMAGED = {  # change to model.json -> what the error says
+    "missing classes": (lambda m: m.pop("classes"), "classes missing"),
+    "missing network": (lambda m: m.pop("network"), "network missing"),
+    "missing normalization": (lambda m: m.pop("normalization"), "normalization missing"),
+    "negative num_classes": (lambda m: m["network"].update(num_classes=-3), "network num_classes: got -3"),
+    "image_size 0": (lambda m: m["network"].update(image_size=0), "network: setting image_size: got 0"),
+    "huge widths": (lambda m: m["network"].update(widths=[16384] * 5), "network: setting widths: got [16384"),
+    "dropout of another length": (lambda m: m["network"].update(dropout=[0.1]), "a rate per width"),
+    "network not an object": (lambda m: m.update(network=[1, 2]), "network must be an object"),
+    "classes not a list": (lambda m: m.update(classes={"classes": 5}), "expected {\"classes\""),
+    "unknown normalization": (lambda m: m["normalization"].update(mode="zscore"), "normalization: got"),
+    "unknown method": (lambda m: m.update(method="magic"), "setting method: got 'magic'"),
+    "bad setting": (lambda m: m["settings"].update(learning_rate=-1), "settings: setting learning_rate: got -1"),
+}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGED))
+def test_a_damaged_model_description_names_what_is_wrong(tmp_path, model_and_volume, kind):
+    save_model(model_and_volume[0], tmp_path / "m")
+    path = tmp_path / "m" / "model.json"
+    metadata = json.loads(path.read_text())
+    change, message = DAMAGED[kind]
+    change(metadata)
+    path.write_text(json.dumps(metadata))
+    with pytest.raises(PSCVError, match=re.escape(message)):
+        load_model(tmp_path / "m")
+
+
+def test_a_model_too_large_for_the_memory_is_refused_before_it_is_built(tmp_path, model_and_volume, monkeypatch):
+    from pscv.base import resources
+
+    save_model(model_and_volume[0], tmp_path / "m")
+    path = tmp_path / "m" / "model.json"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # a byte-order mark is no damage
+    assert load_model(tmp_path / "m").image_size == 32
+    monkeypatch.setattr(resources, "available_memory", lambda: 2**20)
+    with pytest.raises(PSCVError, match="loading this model needs about 3.5 MiB of memory, more than the 1.0 MiB"):
+        load_model(tmp_path / "m")
+
+
+def test_a_model_saved_by_segment_counts_the_users_clicks_and_records_its_region(tmp_path):
+    from conftest import TINY_SETTINGS
+
+    from pscv.learn.single_case import case_settings, segment_case
+
+    volume, labels = two_organ_volume(slices=3, size=32)
+    clicks = simulate_clicks(labels, 0)
+    _, model = segment_case(volume, clicks, CLASSES, case_settings(**{**TINY_SETTINGS, "widths": [4, 8]}))
+    save_model(model, tmp_path / "m")
+    card = json.loads((tmp_path / "m" / "model_card.json").read_text())
+    assert card["data"]["clicks"] == len(clicks) == 9
+    assert card["data"]["region"][0] == [0, 3] and card["method"] == "pce + affinity + pseudo-labels"

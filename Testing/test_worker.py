@@ -255,9 +255,8 @@ def test_a_predict_job_refuses_training_settings(tmp_path):
     folder = tmp_path / "job"
     (tmp_path / "model").mkdir()  # any folder: the settings are checked first
     inputs = staging.stage_inputs(folder, image=case["image"], model=tmp_path / "model")
-    job_folder.write_job(folder, "predict", inputs, {"iterations": 5})
-    with pytest.raises(PSCVError, match="only the settings device, batch_size"):
-        run_in_process(folder)
+    with pytest.raises(PSCVError, match="only the settings device, batch_size"):  # refused as the job is written
+        job_folder.write_job(folder, "predict", inputs, {"iterations": 5})
 
 
 def test_gpu_out_of_memory_retries_with_a_smaller_batch_then_on_the_cpu(monkeypatch):
@@ -305,3 +304,28 @@ def test_job_paths_stay_inside_the_folder(tmp_path):
         with pytest.raises(PSCVError):
             job_folder.inside(folder, value, "inputs.image")
     assert job_folder.inside(folder, "sub/image.nrrd", "inputs.image") == folder / "sub" / "image.nrrd"
+
+
+# A job runs at most once; a finished job is never touched again (issue 13) --------------------------------
+
+
+def run_worker(folder, timeout=60) -> tuple:
+    result = subprocess.run([sys.executable, "-m", "pscv", "worker", str(folder)], capture_output=True, text=True,
+                            env=WORKER_ENV, timeout=timeout)
+    return result.returncode, [json.loads(line) for line in result.stdout.splitlines()], result.stderr
+
+
+# Settings and memory errors become the job's error (issue 13) ----------------------------------------------
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"image_size": "abc"}, "setting image_size: got 'abc'; it takes a multiple of 16"),
+    ({"iterations": 2.5}, "setting iterations: got 2.5; it takes an integer"),
+    ({"normalization": 5}, "setting normalization: got 5"),
+    ({"widths": []}, "setting widths: got []"),
+])
+def test_bad_settings_are_the_jobs_error_naming_the_key(tmp_path, settings, message):
+    folder = write_tiny_job(tmp_path / "job", **settings)
+    code, events, stderr = run_worker(folder)
+    assert code == 1 and message in events[-1]["message"], events[-1]
+    assert "please report" not in events[-1]["message"] and "Traceback" not in stderr

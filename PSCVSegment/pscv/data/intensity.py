@@ -13,6 +13,22 @@ from .. import PSCVError
 DEFAULT_NORMALIZATION = {"mode": "percentile", "low": 0.5, "high": 99.5}
 
 
+NORMALIZATION_TAKES = ('{"mode": "percentile", "low": 0.5, "high": 99.5} (percentiles 0..100) or '
+                       '{"mode": "window", "low": -160, "high": 240}, with low < high')
+
+
+def check_normalization(value, where: str = "normalization") -> dict:
+    """A normalisation settings dict, checked (`where` names it in the message): mode, and low < high."""
+    ok = isinstance(value, dict) and set(value) == {"mode", "low", "high"} and value["mode"] in ("percentile", "window")
+    if ok:
+        low, high = value["low"], value["high"]
+        ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in (low, high))
+        ok = ok and low < high and (value["mode"] == "window" or 0 <= low and high <= 100)
+    if not ok:
+        raise PSCVError(f"{where}: got {str(value)[:80]}; it takes {NORMALIZATION_TAKES}")
+    return {"mode": value["mode"], "low": value["low"], "high": value["high"]}
+
+
 def parse_normalization(text: str | None) -> dict:
     """`percentile[:LOW:HIGH]` or `window:LOW:HIGH` (command-line form) -> settings dict."""
     if not text:

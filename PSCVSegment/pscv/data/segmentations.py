@@ -227,7 +227,20 @@ def _read_sitk(path: Path):
                         "the file may be truncated or not a NRRD/NIfTI/MHA file") from None
 
 
-def _segments(image) -> list[dict]:
+def _numbers(text: str, kind, count: int, name: str, path) -> list:
+    """The `count` numbers of the field `name` (e.g. "0.5 0.5 0.5"), or a PSCVError naming the field."""
+    try:
+        values = [kind(v) for v in text.split()]
+    except ValueError:
+        values = []
+    if len(values) != count or not all(np.isfinite(values)):
+        wanted = f"{count} numbers" if count > 1 else ("an integer" if kind is int else "a number")
+        raise PSCVError(f"{path}: field {name}:={text[:40]!r} must hold {wanted}; the file is damaged (save the "
+                        "segmentation again from 3D Slicer)")
+    return values
+
+
+def _segments(image, path="segmentation") -> list[dict]:
     """Segment metadata of a Slicer segmentation image (empty for a plain label map), in file order.
 
     As in Slicer's reader: a segment without a Layer field is in its own layer, without a LabelValue it is 1.
@@ -235,17 +248,17 @@ def _segments(image) -> list[dict]:
     segments = []
     number = 0
     while image.HasMetaDataKey(f"Segment{number}_ID"):
-        def field(key, default=None, number=number):
+        def field(key, default=None, kind=None, count=1, number=number):
             name = f"Segment{number}_{key}"
-            return image.GetMetaData(name) if image.HasMetaDataKey(name) else default
+            text = image.GetMetaData(name) if image.HasMetaDataKey(name) else default
+            return text if kind is None else _numbers(text, kind, count, name, path)
 
-        color = [float(c) for c in field("Color", "0.5 0.5 0.5").split()]
         segments.append({
             "id": field("ID"),
             "name": field("Name", field("ID")),
-            "color": color,
-            "labelValue": int(field("LabelValue", "1")),
-            "layer": int(field("Layer", str(number))),
+            "color": field("Color", "0.5 0.5 0.5", float, 3),
+            "labelValue": field("LabelValue", "1", int)[0],
+            "layer": field("Layer", str(number), int)[0],
         })
         number += 1
     return segments
@@ -278,7 +291,7 @@ def read_segmentation_volume(path: str | Path, classes: list[ClassInfo]) -> Volu
     path = Path(path)
     image = _read_sitk(path)
     layers = _layers(image, path)
-    segments = _segments(image)
+    segments = _segments(image, path)
     if segments:
         labelmap = _collapse_segments(layers, segments, classes, path)
     elif len(layers) > 1:
@@ -395,7 +408,7 @@ def segmentation_classes(path: str | Path) -> list[ClassInfo]:
     """
     path = Path(path)
     image = _read_sitk(path)
-    segments = _segments(image)
+    segments = _segments(image, path)
     if not segments:
         raise PSCVError(f"{path}: a plain label map names no classes; pass --classes classes.json")
     values = [s["labelValue"] for s in segments]

@@ -47,6 +47,28 @@ DEFAULT_OUTPUTS = {
 }
 
 
+PREDICT_SETTINGS = ("device", "batch_size")  # what a predict job takes; the other kinds take TrainSettings
+
+
+def check_job_settings(kind: str, settings, where: str) -> dict:
+    """A job's settings checked against the schemas of pscv.learn.settings (a segment job also takes the
+    single-case mode's, a predict job only device and batch_size); PSCVError naming the setting, what it got
+    and what it takes."""
+    from ..learn.settings import check_case_settings, check_setting, check_settings
+
+    if kind == "segment":  # the random walker's settings, and the network's
+        return check_case_settings(settings, where)
+    if kind != "predict":
+        return check_settings(settings, where)
+    if not isinstance(settings, dict):
+        return check_settings(settings, where)  # the same message for what is not an object
+    unknown = sorted(set(settings) - set(PREDICT_SETTINGS))
+    if unknown:
+        raise PSCVError(f"{where}: a predict job takes only the settings {', '.join(PREDICT_SETTINGS)}, not "
+                        f"{', '.join(map(str, unknown))}")
+    return {key: check_setting(key, value, where) for key, value in settings.items()}
+
+
 @dataclass
 class Job:
     folder: Path
@@ -109,6 +131,7 @@ def read_job(folder) -> Job:
     for key, value in (("inputs", inputs_doc), ("settings", settings), ("outputs", outputs_doc)):
         if not isinstance(value, dict):
             raise PSCVError(f"{source}: \"{key}\" must be a JSON object, got {type(value).__name__}")
+    check_job_settings(kind, settings, f"{source}: settings")
     return Job(folder, kind, _read_inputs(folder, kind, inputs_doc), dict(settings),
                _read_outputs(folder, kind, outputs_doc))
 

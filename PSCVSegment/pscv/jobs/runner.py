@@ -12,9 +12,8 @@ import time
 from dataclasses import dataclass
 
 from .. import PSCVError
-from .folder import JOB_FILE, Job, remove_path
+from .folder import JOB_FILE, PREDICT_SETTINGS, Job, remove_path
 
-PREDICT_SETTINGS = ("device", "batch_size")
 FINETUNE_ITERATIONS = 200  # default fine-tuning length when the job does not say
 MODEL_SHAPE_SETTINGS = ("image_size", "widths", "dropout", "normalization")  # fixed by the model being fine-tuned
 
@@ -259,11 +258,7 @@ def _load_job_model(job: Job):
 
 
 def _run_predict(job: Job, events: Events, should_stop) -> None:
-    unknown = sorted(set(job.settings) - set(PREDICT_SETTINGS))
-    if unknown:
-        raise PSCVError(f"{job.folder / JOB_FILE}: a predict job takes only the settings "
-                        f"{', '.join(PREDICT_SETTINGS)}, not {', '.join(unknown)}")
-    model = _load_job_model(job)
+    model = _load_job_model(job)  # its settings were checked with the job (folder.check_job_settings)
     volume, _ = _read_case(job, model.classes, with_points=False)
     _predict(job, events, should_stop, model, volume)
 

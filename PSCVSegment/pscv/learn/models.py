@@ -14,12 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import PSCVError, __version__
+from ..base.jsonfile import read_json
 from ..data.classes import ClassInfo, classes_to_json, parse_classes
+from ..data.formats import MODEL_FILES
+from ..data.intensity import check_normalization
 from .network import UNet
+from .settings import SCHEMA, check_setting, check_settings
 
 FORMAT = "pscv-model/1"
-WEIGHTS, METADATA, CARD = "model.safetensors", "model.json", "model_card.json"
+WEIGHTS, METADATA, CARD = MODEL_FILES
 CARD_FORMAT = "pscv-model-card/1"
+NETWORK_KEYS = ("num_classes", "widths", "dropout", "image_size")  # and in_channels 1, architecture "unet2d"
 
 
 @dataclass
@@ -48,8 +53,50 @@ def build_network(network: dict) -> UNet:
                 auxiliary_decoder=network.get("auxiliary_decoder", False))
 
 
+def network_bytes(network: dict) -> int:
+    """Bytes of the weights and batch-norm statistics of the network `network` describes (counted on torch's
+    "meta" device: nothing is allocated)."""
+    import torch
+
+    with torch.device("meta"):
+        meta = build_network(network)
+    return 4 * sum(t.numel() for t in (*meta.parameters(), *meta.buffers()))
+
+
+def check_metadata(metadata, source: str) -> dict:
+    """A model description (model.json), checked against the settings' schema: classes, normalisation, network
+    shape (the same rules as the settings that make it), method and settings. PSCVError naming the item."""
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        found = metadata.get("format") if isinstance(metadata, dict) else None
+        raise PSCVError(f"{source}: model format {found!r} is not {FORMAT!r}; retrain the model with this version "
+                        "of pscv")
+    missing = [key for key in ("classes", "normalization", "network") if key not in metadata]
+    if missing:
+        raise PSCVError(f"{source}: damaged model description: {', '.join(missing)} missing; a pscv model.json "
+                        "holds format, classes, normalization, network, method and settings (retrain the model)")
+    classes = parse_classes(metadata["classes"], f"{source}: classes")
+    check_normalization(metadata["normalization"], f"{source}: normalization")
+    network = metadata["network"]
+    if not isinstance(network, dict) or set(NETWORK_KEYS) - set(network):
+        raise PSCVError(f"{source}: network must be an object with {', '.join(NETWORK_KEYS)}; got "
+                        f"{str(network)[:80]}")
+    check_settings({key: network[key] for key in ("widths", "dropout", "image_size")}, f"{source}: network")
+    for key, expected in (("num_classes", len(classes)), ("in_channels", 1), ("architecture", "unet2d")):
+        if network.get(key, expected) != expected or isinstance(network.get(key), bool):
+            raise PSCVError(f"{source}: network {key}: got {str(network.get(key))[:40]}; it takes {expected!r}"
+                            + (f" (the model has {len(classes)} classes)" if key == "num_classes" else ""))
+    if "method" in metadata:
+        check_setting("method", metadata["method"], source)
+    settings = metadata.get("settings") or {}
+    if not isinstance(settings, dict):
+        raise PSCVError(f"{source}: settings must be an object, got {type(settings).__name__}")
+    check_settings({k: v for k, v in settings.items() if k in SCHEMA}, f"{source}: settings")
+    return metadata
+
+
 def model_card(metadata: dict) -> dict:
-    """The model card: classes, method and settings, the data it was trained on (cases, slices, clicks), where
+    """The model card: classes, method (what the loss is made of, e.g. "pce + affinity + pseudo-labels") and
+    settings, the data it was trained on (cases, slices, clicks, and for `pscv segment` the region), where
     and how long it trained, its validation Dice (when `pscv train --val` gave a validation set), engine
     version and date. Built from the model's metadata; what a model does not record is null."""
     training = metadata.get("training") or {}
@@ -102,17 +149,12 @@ def load_model(directory: str | Path, classes: list[ClassInfo] | None = None, de
     for path in (metadata_path, weights_path):
         if not path.is_file():
             raise PSCVError(f"{directory}: not a pscv model folder ({path.name} is missing)")
-    try:
-        metadata = json.loads(metadata_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise PSCVError(f"{metadata_path}: damaged model description ({error})") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        found = metadata.get("format") if isinstance(metadata, dict) else None
-        raise PSCVError(f"{metadata_path}: model format {found!r} is not {FORMAT!r}; "
-                        "retrain the model with this version of pscv")
-    if _version_tuple(metadata.get("engine_version", "0")) > _version_tuple(__version__):
-        raise PSCVError(f"{directory}: written by pscv {metadata['engine_version']}, newer than this pscv "
-                        f"{__version__}; upgrade pscv (pip install -U pscv) to use it")
+    metadata = read_json(metadata_path, "model description", fix="; damaged model description: retrain the model")
+    version = metadata.get("engine_version", "0") if isinstance(metadata, dict) else "0"
+    if _version_tuple(version) > _version_tuple(__version__):
+        raise PSCVError(f"{directory}: written by pscv {version}, newer than this pscv {__version__}; upgrade pscv "
+                        "(pip install -U pscv) to use it")
+    check_metadata(metadata, str(metadata_path))
     model_classes = parse_classes(metadata["classes"], str(metadata_path))
     if classes is not None:
         expected = [(c.name.lower(), c.value) for c in classes]

@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-DEFAULT_WIDTHS = (16, 32, 64, 128, 256)
-DEFAULT_DROPOUT = (0.05, 0.1, 0.2, 0.3, 0.5)
+from .settings import DEFAULT_DROPOUT, DEFAULT_WIDTHS
 
 
 class ConvBlock(nn.Sequential):

@@ -51,14 +51,10 @@ class CaseSettings:
     train_model: bool = False  # also train a network on the result (`train_case_model`); a refine job always does
 
     def __post_init__(self):
-        checks = {"region_margin": self.region_margin >= 0, "walker_beta": self.walker_beta > 0,
-                  "walker_tolerance": 0 < self.walker_tolerance < 1, "suggest": self.suggest >= 0,
-                  "train_model": isinstance(self.train_model, bool)}
-        for key, valid in checks.items():
-            if not valid:
-                raise PSCVError(f"setting {key} = {getattr(self, key)!r} is out of range; see "
-                                "`pscv segment --help` (region_margin >= 0, walker_beta > 0, 0 < walker_tolerance "
-                                "< 1, suggest >= 0, train_model true or false)")
+        from .settings import CASE_SCHEMA, check_settings  # the one schema (a bad value names the setting)
+
+        for key, value in check_settings(asdict(self), "", CASE_SCHEMA).items():
+            setattr(self, key, value)
 
     def to_dict(self) -> dict:
         return asdict(self)

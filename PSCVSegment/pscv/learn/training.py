@@ -23,7 +23,7 @@ import copy
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from .. import PSCVError
 from ..base.progress import Cancelled, Reporter
 from ..data.classes import ClassInfo
 from ..data.dataset import Case
-from ..data.intensity import DEFAULT_NORMALIZATION, normalize
+from ..data.intensity import normalize
 from . import checkpoints, distributed
 from .augmentation import affine_batch, flip_batch
 from .budgets import COHORT_CPU_BUDGET, COHORT_GPU_BUDGET
@@ -55,96 +55,7 @@ from .losses import (
     variance_maps,
 )
 from .models import Model, build_metadata, build_network
-from .network import DEFAULT_DROPOUT, DEFAULT_WIDTHS
-
-METHODS = ("pscv", "pce", "ms", "full")
-
-
-@dataclass
-class TrainSettings:
-    method: str = "pce"  # pce | pscv | ms | full
-    iterations: int = 30000
-    batch_size: int = 12
-    image_size: int = 256  # slices are resized to image_size x image_size (a multiple of 16)
-    learning_rate: float = 0.01  # the first step's; poly decay (power 0.9) to 0 at the last iteration
-    optimizer: str = "sgd"  # sgd (momentum, the WSL4MIS recipe) | adam (betas 0.9, 0.999)
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    # bfloat16 autocast: auto = on CUDA and on CPUs that compute bfloat16 natively (AVX512-BF16, AMX), where it
-    # about halves the time of a step; float32 elsewhere (devices.uses_bfloat16)
-    precision: str = "auto"  # auto | float32 | bfloat16
-    augment: str = "flip"  # none | flip (random flips and 90-degree turns, one for the whole batch) | affine (below)
-    # augment=affine: each image its own rotation, scale and intensity change (one for the whole batch with the
-    # pscv method, whose contrastive term compares aligned images); no flip, no 90-degree turn (laterality kept)
-    augment_rotation: float = 20.0  # degrees, drawn uniformly in +-this
-    augment_scale: float = 0.1  # zoom drawn uniformly in 1 +- this
-    augment_intensity: float = 0.1  # contrast 1 +- this and brightness +- this (normalised units)
-    cv_weight: float = 0.1  # lambda
-    cv_temperature: float = 0.1  # tau
-    cv_pairing: str = "infonce"  # infonce | supcon
-    cv_present_only: bool = True  # contrast only classes clicked in both images
-    cv_map: str = "variance"  # variance: p (x - c)^2 | probability: p itself (the prediction's spatial layout)
-    cv_pool: int = 1  # average-pool the maps by this factor before contrasting them (1 = full resolution)
-    cv_detach_means: bool = False  # stop gradients through the class means c
-    cv_warmup: int = 0  # ramp lambda up linearly over this many iterations
-    ms_weight: float = 0.1
-    # Terms any point-supervised method can add (0 = off):
-    affinity_weight: float = 1.0  # CRF-like: neighbours of similar intensity agree (losses.local_affinity)
-    affinity_sigma: float = 0.1  # intensity scale of that affinity, in normalised units
-    pseudo_weight: float = 1.0  # cross-entropy on an EMA teacher's confident pixels
-    pseudo_threshold: float = 0.9
-    pseudo_start: float = 0.3  # fraction of the iterations before pseudo-labels start
-    ema_decay: float = 0.99
-    # The gated CRF loss as WSL4MIS trains ACDC with it (losses.gated_crf; 0 = off):
-    crf_weight: float = 0.0
-    crf_radius: int = 5  # pixels of the network's input
-    crf_sigma_xy: float = 6.0  # pixels
-    crf_sigma_intensity: float = 0.1  # normalised units
-    # DMPLS (0 = off): an auxiliary decoder on dropout-perturbed features; both decoders learn from the clicks
-    # (their pCE averaged) and, with this weight, from Dice to the argmax of a random mix of the two
-    dmpls_weight: float = 0.0
-    dmpls_dropout: float = 0.5  # channel dropout on the features the auxiliary decoder reads
-    normalization: dict = field(default_factory=lambda: dict(DEFAULT_NORMALIZATION))
-    widths: tuple = DEFAULT_WIDTHS
-    dropout: tuple = DEFAULT_DROPOUT
-    # Several processes (torchrun; pscv.learn.distributed), each with its own batch of batch_size slices:
-    cv_gather: bool = False  # contrast the variance maps of every process's batch, not only its own
-    sync_batchnorm: bool = True  # batch-norm statistics over the global batch (GPUs; PyTorch has none on the CPU)
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise PSCVError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.image_size % 16 or self.image_size < 32:
-            raise PSCVError(f"image_size {self.image_size} must be a multiple of 16 and at least 32")
-        if self.iterations < 1 or self.batch_size < 1:
-            raise PSCVError("iterations and batch_size must be at least 1")
-        if self.cv_pairing not in ("infonce", "supcon"):
-            raise PSCVError(f"cv_pairing {self.cv_pairing!r}: use infonce or supcon")
-        if self.augment not in ("none", "flip", "affine"):
-            raise PSCVError(f"augment {self.augment!r}: use none, flip or affine")
-        if self.precision not in ("auto", "float32", "bfloat16"):
-            raise PSCVError(f"precision {self.precision!r}: use auto, float32 or bfloat16")
-        if self.optimizer not in ("sgd", "adam"):
-            raise PSCVError(f"optimizer {self.optimizer!r}: use sgd or adam")
-        if self.cv_map not in ("variance", "probability"):
-            raise PSCVError(f"cv_map {self.cv_map!r}: use variance or probability")
-        if self.cv_pool < 1 or self.image_size % self.cv_pool:
-            raise PSCVError(f"cv_pool {self.cv_pool} must be at least 1 and divide image_size {self.image_size}")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise PSCVError(f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**data)
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["widths"], data["dropout"] = list(self.widths), list(self.dropout)
-        return data
+from .settings import METHODS, TrainSettings  # noqa: F401 (the settings are part of what training offers)
 
 
 def cohort_budget(device: str = "auto") -> dict:
