@@ -18,6 +18,7 @@ from .data.formats import (
     EXPORT_FORMATS,
     IMAGE_FORMATS,
     IMAGE_SUFFIXES,
+    MODEL_FILES,
     ONE_FILE_SUFFIXES,
     SEG_NRRD,
     SEGMENTATION_SUFFIXES,
@@ -50,14 +51,62 @@ def main(argv=None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 1
+    restore = _terminate_as_interrupt()
     try:
         return args.run(args) or 0
     except PSCVError as error:
-        print(f"pscv {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return _failed(args, str(error))
+    except Terminated:
+        print(f"pscv {args.command}: stopped (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"pscv {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as error:  # a full or read-only disk, a file that went away: no traceback for those
+        from .base.paths import describe_os_error
+
+        return _failed(args, describe_os_error(error))
+    except (MemoryError, RuntimeError) as error:
+        if not _out_of_memory(error):
+            raise
+        return _failed(args, "out of memory: lower --image-size or --batch-size, or use a machine with more memory")
+    finally:
+        restore()
+
+
+def _failed(args, message: str) -> int:
+    print(f"pscv {args.command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that what is being written is cleaned up as for Ctrl+C."""
+
+
+def _terminate_as_interrupt():
+    """SIGTERM raises Terminated (commands with handlers of their own replace it for their run); returns
+    what restores the previous handler."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(number, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, MemoryError):
+        return True
+    if "torch" not in sys.modules:  # only torch says it in a RuntimeError
+        return False
+    from .learn.devices import is_out_of_memory
+
+    return is_out_of_memory(error)
 
 
 class ConsoleProgress:
@@ -190,7 +239,10 @@ def _add_segment(subparsers):
 
 
 def _check_segment_arguments(args) -> None:
-    """What can be checked before any work: the suggestion options go together and name a markups file."""
+    """What can be checked before any work: the suggestion options go together and name a markups file; the
+    outputs."""
+    from .base.paths import check_output_file, check_output_folder
+
     if args.suggest < 0:
         raise PSCVError(f"--suggest {args.suggest}: give a number of places, 1 or more")
     if bool(args.suggest) != bool(args.suggest_out):
@@ -199,6 +251,13 @@ def _check_segment_arguments(args) -> None:
         raise PSCVError(f"--suggest-out {args.suggest_out}: the name must end in .mrk.json (a 3D Slicer point list)")
     if args.refine and not Path(args.refine).is_dir():
         raise PSCVError(f"--refine {args.refine}: no such model folder (the --save-model folder of an earlier run)")
+    # The outputs: none is, or would replace, an input (--refine's folder is both: its model is refined in place).
+    inputs = [args.image, *args.points, *args.strokes, args.classes]
+    check_output_file(args.out, "--out", inputs, SEGMENTATION_SUFFIXES)
+    if args.suggest_out:
+        check_output_file(args.suggest_out, "--suggest-out", [*inputs, args.out])
+    if args.save_model:
+        check_output_folder(args.save_model, "--save-model", [*inputs, args.out], MODEL_FILES)
 
 
 def _segment_inputs(args):
@@ -447,6 +506,10 @@ def _run_train(args):
         raise PSCVError(f"--nproc {args.nproc}: give at least 1 process")
     if args.checkpoint_every < 0:
         raise PSCVError(f"--checkpoint-every {args.checkpoint_every}: give a number of steps, or 0 for never")
+    if processes.main:
+        from .base.paths import check_output_folder
+
+        check_output_folder(args.out, "--out", [args.dataset, args.val], MODEL_FILES)
     if args.nproc > 1 and processes.size == 1:  # not yet started by torchrun: start the processes
         return _launch_train(args)
     import warnings
@@ -513,20 +576,31 @@ def _add_predict(subparsers):
     parser.set_defaults(run=_run_predict)
 
 
-def _run_predict(args):
+def _predict_jobs(args) -> list:
+    """(image, output) pairs, every output checked first: none is, or would replace, an input."""
+    from .base.paths import check_output_file, check_output_folder
     from .data.dataset import find_images
+
+    source, out = Path(args.image), Path(args.out)
+    model_files = [Path(args.model) / name for name in MODEL_FILES]
+    images = find_images(source) if source.is_dir() else {}
+    if not images:  # one image: a file, or a DICOM series folder
+        return [(source, check_output_file(out, "--out", [source, *model_files], SEGMENTATION_SUFFIXES))]
+    check_output_folder(out, "--out", [source])
+    jobs = [(path, out / f"{name}{args.format}") for name, path in images.items()]
+    for _, destination in jobs:
+        check_output_file(destination, "--out", [*images.values(), *model_files])
+    return jobs
+
+
+def _run_predict(args):
     from .data.segmentations import write_segmentation
     from .data.volumes import read_image
     from .learn.inference import predict_volume
     from .learn.models import load_model
 
+    jobs = _predict_jobs(args)
     model = load_model(args.model)
-    source, out = Path(args.image), Path(args.out)
-    images = find_images(source) if source.is_dir() else {}
-    if images:  # a folder of image files; otherwise one image (a file, or a DICOM series folder)
-        jobs = [(path, out / f"{name}{args.format}") for name, path in images.items()]
-    else:
-        jobs = [(source, out)]
     progress = ConsoleProgress(quiet=args.quiet)
     for path, destination in jobs:
         volume = read_image(path)
@@ -585,6 +659,10 @@ def _run_evaluate(args):
     from .data.segmentations import read_segmentation
     from .data.volumes import read_image
 
+    if args.json:
+        from .base.paths import check_output_file
+
+        check_output_file(args.json, "--json", [args.predictions, args.ground_truth, args.classes])
     pairs = _pair_files(Path(args.predictions), Path(args.ground_truth))
     classes = _evaluation_classes(args, pairs)
     per_case = {}
@@ -650,8 +728,10 @@ def _add_prepare_acdc(subparsers):
 
 
 def _run_prepare_acdc(args):
+    from .base.paths import check_output_folder
     from .research.acdc import prepare_acdc
 
+    check_output_folder(args.out, "--out", [args.data])
     names = prepare_acdc(args.data, args.split, args.out, args.seed, progress=ConsoleProgress())
     print(f"wrote {len(names)} cases to {args.out}")
 
@@ -701,8 +781,11 @@ def _add_bench(subparsers):
 
 
 def _run_bench(args):
+    from .base.paths import check_output_folder
     from .research.bench import COHORT_RECIPES, DEFAULT_RECIPES, run_acdc_benchmark, run_cohort_benchmark
 
+    args.out = args.out or f"runs/bench-{args.dataset}"
+    check_output_folder(args.out, "--out", [args.train, args.val] if args.dataset == "cohort" else [args.data])
     if args.dataset == "interactive":
         return _run_bench_interactive(args)
     overrides = _parse_set(args.set)
@@ -712,11 +795,11 @@ def _run_bench(args):
                   iterations=args.iterations, overrides=overrides, progress=ConsoleProgress(),
                   command="pscv " + " ".join(sys.argv[1:]))
     if args.dataset == "acdc":
-        return run_acdc_benchmark(args.data, args.out or "runs/bench-acdc", **common)
+        return run_acdc_benchmark(args.data, args.out, **common)
     if not (args.train and args.val):
         raise PSCVError("bench cohort needs --train DATASET and --val DATASET (dataset folders, e.g. from pscv "
                         "prepare)")
-    run_cohort_benchmark(args.train, args.val, args.out or "runs/bench-cohort", **common)
+    run_cohort_benchmark(args.train, args.val, args.out, **common)
 
 
 def _run_bench_interactive(args):
@@ -725,7 +808,7 @@ def _run_bench_interactive(args):
     if args.rounds < 0 or (args.cases is not None and args.cases < 1):
         raise PSCVError("--rounds must be 0 or more and --cases 1 or more")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
-    run_interactive_benchmark(args.data, args.out or "runs/bench-interactive", args.split, args.cases, args.rounds,
+    run_interactive_benchmark(args.data, args.out, args.split, args.cases, args.rounds,
                               methods, args.seed, _parse_set(args.set))
 
 
@@ -747,9 +830,11 @@ def _add_export(subparsers):
 
 
 def _run_export(args):
+    from .base.paths import check_output_file
     from .data.classes import read_classes
     from .data.segmentations import export_segmentation
 
+    check_output_file(args.out, "--out", [args.segmentation, args.reference, args.classes])
     classes = read_classes(args.classes) if args.classes else None
     fmt = export_segmentation(args.segmentation, args.out, args.to, args.reference, args.series, classes)
     print(f"wrote {fmt} {args.out}")

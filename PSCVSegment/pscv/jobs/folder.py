@@ -10,20 +10,20 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import PSCVError
-from ..base.atomic import write_text_atomic
+from ..base.atomic import remove_quietly, write_text_atomic
 from ..base.jsonfile import read_json
 from ..data.formats import SEGMENTATION_SUFFIXES
 
 VERSION = 1
 JOB_FILE, EVENTS_FILE, STATE_FILE, CANCEL_FILE = "job.json", "events.jsonl", "state.json", "cancel"
 PID_FILE, LOG_FILE, META_FILE = "worker.pid", "worker.log", "meta.json"  # meta.json: the service's record
-RESERVED = {JOB_FILE, EVENTS_FILE, STATE_FILE, CANCEL_FILE, PID_FILE, LOG_FILE, META_FILE}
+LOCK_FILE = "worker.lock"  # locked by the worker running the job, for as long as it runs
+RESERVED = {JOB_FILE, EVENTS_FILE, STATE_FILE, CANCEL_FILE, PID_FILE, LOG_FILE, META_FILE, LOCK_FILE}
 SAFE_ID = re.compile(r"[0-9a-f]{32}")  # job ids are uuid4 hex, made by whoever creates the folder
 KINDS = ("segment", "train", "predict", "finetune")
 FINAL_STATES = ("done", "error", "cancelled")  # also the names of the events that end a job
@@ -234,6 +234,26 @@ def worker_alive(folder) -> bool:
     return "worker" in command and Path(folder).name in command
 
 
+def lock_job(folder):
+    """Lock the job folder for this process (a lock the system drops when the process ends, however it ends);
+    returns the open lock file to keep, or None when another process holds the lock. OSError: the folder
+    cannot be written."""
+    handle = open(Path(folder) / LOCK_FILE, "a+b")
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # Windows
+            import msvcrt
+
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
 def read_state_file(folder) -> dict | None:
     """state.json of an ended job, or None when there is none (yet)."""
     try:
@@ -281,10 +301,5 @@ def remove_results(folder, pid: int | None = None) -> None:
 
 
 def remove_path(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
+    """Remove a result (file or folder) if it is there; a disk that refuses (read-only) raises nothing."""
+    remove_quietly(path)

@@ -6,7 +6,6 @@ pscv.learn (and so torch) only inside its functions: importing it is cheap.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -72,11 +71,9 @@ def device_warnings(requested: str, label: str) -> list[str]:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    import torch
+    from ..learn.devices import is_out_of_memory
 
-    text = str(error)
-    return isinstance(error, torch.OutOfMemoryError) or isinstance(error, RuntimeError) and (
-        "out of memory" in text or "ALLOC_FAILED" in text)
+    return is_out_of_memory(error)
 
 
 def with_memory_fallback(events: Events, make_settings, work, device: str):
@@ -171,18 +168,15 @@ def _train(job, events, should_stop, cases, classes, make_settings, initial=None
 
 
 def _save_model(job: Job, model) -> None:
-    """Write outputs.model as a whole: into a temporary folder, then renamed."""
+    """Write outputs.model as a whole (`learn.models.save_model`: a temporary folder, then renamed)."""
     from ..learn.models import save_model
 
     destination = job.outputs.get("model")
     if destination is None:
         return
-    temporary = destination.with_name(f".{destination.name}.partial-{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    save_model(model, temporary)
     if destination.exists():
         remove_path(destination)
-    os.replace(temporary, destination)
+    save_model(model, destination)
 
 
 def _run_segment(job: Job, events: Events, should_stop) -> None:

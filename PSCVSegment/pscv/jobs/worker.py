@@ -15,6 +15,7 @@ Exit status: 0 done, 1 error, 3 cancelled.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -28,7 +29,18 @@ from pathlib import Path
 
 from .. import PSCVError
 from ..base.atomic import write_text_atomic
-from .folder import CANCEL_FILE, EVENTS_FILE, LOG_FILE, PID_FILE, read_job, remove_results, write_state
+from ..base.paths import describe_os_error
+from .folder import (
+    CANCEL_FILE,
+    EVENTS_FILE,
+    LOG_FILE,
+    PID_FILE,
+    lock_job,
+    read_job,
+    read_state_file,
+    remove_results,
+    write_state,
+)
 from .runner import Events, device_details, device_label, device_warnings, is_out_of_memory, run_job
 
 EXIT_DONE, EXIT_ERROR, EXIT_CANCELLED = 0, 1, 3
@@ -47,6 +59,7 @@ class Worker:
         self.events = Events(self._write)
         self.event_log = None
         self.wakeup = None  # read end of the pipe the C signal handler writes to (POSIX)
+        self.job_lock = None  # the job folder's lock file, held while this worker runs the job
 
     # Events ------------------------------------------------------------------------------------------
     def _write(self, event: dict) -> None:
@@ -117,6 +130,10 @@ class Worker:
         if not self.folder.is_dir():
             self.events({"event": "error", "message": f"{self.folder}: no such job folder"})
             return EXIT_ERROR
+        refusal = self._take_job()
+        if refusal is not None:  # another worker's job, or one that ran: say so and leave the folder as it is
+            self.events({"event": "error", "message": refusal})
+            return EXIT_ERROR
         self._install_signal_handlers()  # before worker.pid: a client that sees the pid may signal at once
         try:
             self.event_log = open(self.folder / EVENTS_FILE, "a", encoding="utf-8")
@@ -134,6 +151,31 @@ class Worker:
             with self.lock:
                 self.event_log.close()
                 self.event_log = None
+
+    def _take_job(self) -> str | None:
+        """Lock the job folder (held until this process ends); why this worker may not run the job, or None.
+
+        A job runs at most once: a folder locked by another worker, or whose job has ended (state.json), is
+        left untouched. A job whose worker started and died without ending it (kill -9) is ended here as
+        failed, and what its worker was writing is removed."""
+        try:
+            self.job_lock = lock_job(self.folder)
+        except OSError as error:
+            return f"{self.folder}: cannot write to the job folder ({error.strerror}); check its permissions and space"
+        if self.job_lock is None:
+            return f"{self.folder}: another worker is running this job; this one leaves it alone"
+        state = read_state_file(self.folder)
+        if state is not None:
+            return (f"{self.folder}: this job has already ended ({state['state']}); a job runs once, and its results "
+                    "stay as they are: submit a new job to run it again")
+        if (self.folder / PID_FILE).exists():
+            message = ("the worker stopped without finishing (killed, crashed, or the machine restarted); run the "
+                       "job again")
+            with contextlib.suppress(OSError):
+                remove_results(self.folder)
+                write_state(self.folder, "error", message)
+            return f"{self.folder}: this job was started before and its worker is gone: {message}"
+        return None
 
     def _run_job(self) -> int:
         from ..base.progress import Cancelled
@@ -153,9 +195,11 @@ class Worker:
             return self._end("cancelled", f"cancelled ({self.stop_reason or 'asked to stop'})")
         except PSCVError as error:
             return self._end("error", str(error))
+        except OSError as error:  # the disk: full, read-only, a file that went away
+            return self._end("error", describe_os_error(error))
         except Exception as error:  # a bug, or the machine: say what, keep the details in the log
             traceback.print_exc()
-            if is_out_of_memory(error) or isinstance(error, MemoryError):
+            if is_out_of_memory(error):
                 message = (f"out of memory on {self.events.device or 'this machine'}: lower image_size or "
                            "batch_size, or run the job on a machine with more memory")
             else:

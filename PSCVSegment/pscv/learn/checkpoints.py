@@ -35,14 +35,11 @@ def checkpoint_file(path: str | Path) -> Path:
 
 
 def save_checkpoint(path: str | Path, tensors: dict, state: dict) -> None:
-    from safetensors.torch import save_file
-
-    from ..base.atomic import atomic_path
+    from .models import write_safetensors
 
     header = {"format": FORMAT, "engine_version": __version__, "state": json.dumps(state)}
-    with atomic_path(path) as temporary:
-        save_file({name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}, str(temporary),
-                  metadata=header)
+    write_safetensors({name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}, Path(path),
+                      header)
 
 
 def _open(path: Path):

@@ -1,4 +1,4 @@
-"""Choosing the device torch runs on."""
+"""Choosing the device torch runs on, and telling when one ran out of memory."""
 
 from __future__ import annotations
 
@@ -42,3 +42,18 @@ def uses_bfloat16(device: torch.device, precision: str = "auto") -> bool:
     if precision != "auto":
         return precision == "bfloat16"
     return device.type == "cuda" or (device.type == "cpu" and cpu_has_bfloat16())
+
+
+OUT_OF_MEMORY_TEXTS = ("out of memory", "ALLOC_FAILED", "can't allocate memory", "not enough memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` says a device (a GPU, or the CPU's allocator) ran out of memory."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in OUT_OF_MEMORY_TEXTS)
+
+
+def out_of_memory_advice(device: str | None) -> str:
+    return (f"out of memory on {device or 'this machine'}: lower image_size or batch_size (--image-size, "
+            "--batch-size), or run on a machine with more memory")

@@ -10,6 +10,8 @@ or whose classes differ from the ones asked for is refused with a message that s
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,19 +120,46 @@ def model_card(metadata: dict) -> dict:
 
 
 def save_model(model: Model, directory: str | Path) -> Path:
-    """Write the model folder; each file appears atomically."""
-    from safetensors.torch import save_file
-
-    from ..base.atomic import atomic_path, write_text_atomic
+    """Write the model folder: a new folder appears whole (written under a temporary name, then renamed; a
+    failed write leaves nothing); into a folder that is there (e.g. `pscv train --out` holding a checkpoint)
+    each file appears atomically."""
+    from ..base.atomic import atomic_folder
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.is_dir():
+        _write_model_files(model, directory)
+    else:
+        with atomic_folder(directory) as temporary:
+            _write_model_files(model, temporary)
+    return directory
+
+
+def _write_model_files(model: Model, directory: Path) -> None:
+    from ..base.atomic import write_text_atomic
+
     state = {name: tensor.detach().float().cpu().contiguous() for name, tensor in model.network.state_dict().items()}
-    with atomic_path(directory / WEIGHTS) as temporary:
-        save_file(state, str(temporary), metadata={"format": FORMAT})
+    write_safetensors(state, directory / WEIGHTS, {"format": FORMAT})
     write_text_atomic(directory / METADATA, json.dumps(model.metadata, indent=2) + "\n")
     write_text_atomic(directory / CARD, json.dumps(model_card(model.metadata), indent=2) + "\n")
-    return directory
+
+
+def write_safetensors(tensors: dict, path: Path, metadata: dict) -> None:
+    """Write tensors to a safetensors file, atomically; its I/O errors raised as OSError, like any other file's
+    (a full disk then says so)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    from ..base.atomic import atomic_path
+
+    with atomic_path(path) as temporary:
+        try:
+            save_file(tensors, str(temporary), metadata=metadata)
+        except SafetensorError as error:
+            found = re.search(r"os error (\d+)", str(error))
+            if found is None:
+                raise PSCVError(f"{path}: cannot be written ({error})") from None
+            number = int(found.group(1))
+            raise OSError(number, os.strerror(number), str(path)) from None
 
 
 def _version_tuple(version: str) -> tuple:
