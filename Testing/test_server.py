@@ -1,20 +1,23 @@
 """`pscv serve` as a real uvicorn process on 127.0.0.1: the token, the upload limit, crafted names and ids,
 20 jobs at once through the queue, cancel, and a restart that keeps the finished results."""
 
+import errno
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
+import types
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import TINY_SETTINGS, UNTIL_STOPPED
+from conftest import TINY_SETTINGS, UNTIL_STOPPED, fill, small_disk
 
 from pscv import PSCVError
 from pscv.data.classes import read_classes
@@ -24,6 +27,7 @@ from pscv.jobs.processes import worker_environment
 from pscv.learn.models import load_model
 
 TOKEN = "a-test-token-of-enough-length-1234"
+LONG_JOBS = ("--limit", "iterations=1000000")  # jobs of a million iterations (UNTIL_STOPPED) are let in
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -34,25 +38,28 @@ def free_port() -> int:
 
 
 class Server:
-    """A `python -m pscv serve` process; workers get one torch thread each (2 shared cores)."""
+    """A `python -m pscv serve` process (its token in PSCV_TOKEN, or none); workers get one torch thread each
+    (2 shared cores)."""
 
-    def __init__(self, root: Path, *options):
-        self.root, self.options, self.process = Path(root), options, None
+    def __init__(self, root: Path, *options, token: str | None = TOKEN):
+        self.root, self.options, self.process, self.token = Path(root), options, None, token
         self.log = self.root.parent / f"{self.root.name}-server.log"
 
     def start(self) -> "Server":
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        environment = {key: value for key, value in os.environ.items() if key != "PSCV_TOKEN"}
         with open(self.log, "a") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "pscv", "serve", "--port", str(self.port), "--root", str(self.root),
-                 "--token", TOKEN, *self.options], stdout=log, stderr=log,
-                env=worker_environment({**os.environ, "OMP_NUM_THREADS": "1"}))
+                 *self.options], stdout=log, stderr=log,
+                env=worker_environment({**environment, "OMP_NUM_THREADS": "1",
+                                        **({"PSCV_TOKEN": self.token} if self.token else {})}))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.log.read_text()
             try:
-                if httpx.get(self.url + "/health", headers=AUTH, timeout=1).status_code == 200:
+                if httpx.get(self.url + "/health", headers=AUTH if self.token else {}, timeout=1).status_code == 200:
                     return self
             except httpx.TransportError:
                 time.sleep(0.1)
@@ -65,7 +72,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    server = Server(tmp_path_factory.mktemp("service") / "root", "--max-upload-mb", "1", "--gpus", "2").start()
+    server = Server(tmp_path_factory.mktemp("service") / "root", "--max-upload-mb", "1", "--gpus", "2",
+                    *LONG_JOBS).start()
     yield server
     server.stop()
 
@@ -222,6 +230,7 @@ def test_pscv_segment_with_server_runs_there_and_writes_here(service, tiny_case,
                             env={**os.environ, "PSCV_TOKEN": TOKEN})
     assert result.returncode == 0, result.stderr
     assert f"on {service.url}, cpu" in result.stdout
+    assert re.search(r"pscv segment: queued \(\d+ jobs? ahead\)", result.stderr), result.stderr
     assert read_segmentation(out, load_model(tmp_path / "model").classes).shape == (3, 32, 32)
     suggested = json.loads((tmp_path / "next.mrk.json").read_text())["markups"][0]["controlPoints"]
     assert len(suggested) == 2
@@ -247,7 +256,7 @@ def test_a_remote_job_is_cancelled_within_2_seconds(service, client, tiny_case):
 
 
 def test_a_restarted_service_keeps_serving_finished_results(tmp_path, tiny_case):
-    server = Server(tmp_path / "root").start()
+    server = Server(tmp_path / "root", *LONG_JOBS).start()
     try:
         client = JobClient(server.url, token=TOKEN)
         finished = client.submit("segment", **tiny_case, settings=TINY_SETTINGS)
@@ -281,3 +290,168 @@ def test_it_refuses_to_listen_beyond_this_machine_without_a_token(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pscv", "serve", "--host", "0.0.0.0", "--port", str(free_port()),
                              "--root", str(tmp_path)], capture_output=True, text=True, timeout=30, env=environment)
     assert result.returncode == 2 and "refusing to listen on 0.0.0.0 without a token" in result.stderr
+
+
+# Without a token; limits; full disks; paths in replies (issue 13) -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def open_service(tmp_path_factory):
+    """A service without a token (this machine only), that cuts off clients stalled for 1 s."""
+    server = Server(tmp_path_factory.mktemp("open") / "root", "--stall-timeout", "1", token=None).start()
+    yield server
+    server.stop()
+
+
+def jobs_of(server) -> set:
+    return {p.name for p in (server.root / "jobs").iterdir()}
+
+
+def test_without_a_token_foreign_hosts_and_origins_are_refused(open_service):
+    url, port = open_service.url, open_service.port
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "[::1]"):
+        assert httpx.get(url + "/health", headers={"Host": host}).status_code == 200, host
+    rebound = httpx.get(url + "/health", headers={"Host": "attacker.example.com"})  # DNS rebinding
+    assert rebound.status_code == 403 and "not this service's name" in rebound.json()["detail"]
+    before = jobs_of(open_service)
+    form = {"kind": "segment", "settings": json.dumps(TINY_SETTINGS)}
+    foreign = httpx.post(url + "/jobs", data=form, headers={"Origin": "http://attacker.example.com"},
+                         files=[("image", ("image.nrrd", b"x"))])
+    assert foreign.status_code == 403 and "cross-origin" in foreign.json()["detail"]
+    assert httpx.post(url + "/jobs", data=form, headers={"Origin": "null"}).status_code == 403
+    assert jobs_of(open_service) == before
+    same = httpx.post(url + "/jobs", data={**form, "kind": "explode"}, headers={"Origin": url})
+    assert same.status_code == 400  # this machine's own page: heard (and refused for its content)
+
+
+def test_stalled_requests_are_cut_off(open_service):
+    with socket.create_connection(("127.0.0.1", open_service.port), timeout=20) as connection:
+        connection.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # headers that never end
+        assert connection.recv(1024) == b""  # closed by the service, not by our 20 s timeout
+    with socket.create_connection(("127.0.0.1", open_service.port), timeout=20) as connection:
+        connection.sendall(b"POST /jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                           b"boundary=x\r\nContent-Length: 1000\r\n\r\n--x\r\n")  # a body that stops
+        reply = b""
+        while chunk := connection.recv(4096):  # until the service closes the connection
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 408") and b"stopped coming" in reply, reply
+
+
+def test_error_replies_name_no_path_of_the_service(service, tiny_case):
+    response = post_job(service, case_files(tiny_case)[:1])
+    assert response.status_code == 400 and "job.json" in response.json()["detail"]
+    files = [("image", ("image.nrrd", b"NRRD0004\nnot an image\n"))] + case_files(tiny_case)[1:]
+    job_id = post_job(service, files).json()["id"]
+    assert JobClient(service.url, token=TOKEN).job(job_id).wait(60) == "error"
+    replies = [post_job(service, case_files(tiny_case)[:1]).text, httpx.get(f"{service.url}/jobs/{job_id}",
+               headers=AUTH).text, httpx.get(f"{service.url}/jobs/{job_id}/events", headers=AUTH).text,
+               httpx.get(f"{service.url}/jobs/{job_id}/stream", headers=AUTH).text]
+    assert "image.nrrd: could not read the image" in replies[1]
+    for reply in replies:
+        assert str(service.root) not in reply and ".incoming" not in reply, reply
+
+
+def zip_of(members: dict) -> bytes:
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as out:
+        for name, data in members.items():
+            out.writestr(name, data)
+    return archive.getvalue()
+
+
+@pytest.mark.parametrize("members, message", [
+    ({"x": "a file", "x/y": "and a file in a folder of the same name"}, "clashes with another"),
+    ({"a" * 6000: "a name of 6000 characters"}, "refusing the member"),
+    ({"zeros.raw": bytes(3 * 2**20)}, "more than 2 MB once unpacked"),  # the quota: twice --max-upload-mb 1
+])
+def test_hostile_zips_get_400_and_leave_nothing(service, members, message):
+    before = jobs_of(service)
+    response = post_job(service, [("dataset", ("dataset.zip", zip_of(members)))], kind="train")
+    assert response.status_code == 400 and message in response.json()["detail"], response.text
+    assert jobs_of(service) == before
+
+
+def test_settings_nested_deeply_or_beyond_the_services_limits_get_400(service, tiny_case):
+    response = httpx.post(service.url + "/jobs", headers=AUTH, files=case_files(tiny_case),
+                          data={"kind": "segment", "settings": "[" * 100_000 + "]" * 100_000})
+    assert response.status_code == 400 and "nested too deeply" in response.json()["detail"]
+    response = post_job(service, case_files(tiny_case), settings={"image_size": 16384, "batch_size": 64})
+    assert response.status_code == 400 and "setting image_size: got 16384" in response.json()["detail"]
+    response = post_job(service, case_files(tiny_case), settings={"image_size": 2048})
+    assert response.status_code == 400
+    assert "setting image_size: got 2048; this service takes at most 1024" in response.json()["detail"]
+    response = post_job(service, case_files(tiny_case), settings={"image_size": "abc"})
+    assert response.status_code == 400 and "setting image_size: got 'abc'" in response.json()["detail"]
+
+
+def test_an_upload_on_a_full_disk_gets_507(tmp_path, tiny_case):
+    with small_disk(tmp_path / "disk", size="2m") as disk:
+        server = Server(disk / "root").start()
+        try:
+            fill(disk / ".filler")
+            response = post_job(server, case_files(tiny_case))
+            assert response.status_code == 507 and "disk is full" in response.json()["detail"], response.text
+            assert str(disk) not in response.text
+        finally:
+            server.stop()
+
+
+def test_the_token_comes_from_a_file_or_the_environment_and_on_the_command_line_is_warned_about(tmp_path, capsys):
+    from pscv import cli
+
+    parser = cli.build_parser()
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    assert cli._token(parser.parse_args(["serve", "--token-file", str(tmp_path / "token")])) == TOKEN
+    assert cli._token(parser.parse_args(["serve", "--token", "on-the-command-line"])) == "on-the-command-line"
+    assert "--token shows in the process list (ps)" in capsys.readouterr().err
+
+
+def test_a_worker_that_cannot_write_leaves_no_job_looking_queued(tmp_path, tiny_case, monkeypatch):
+    """The worker's files are limited to 0 bytes (a full disk for it), and the service's own writes fail too:
+    the job still ends, as an error, in what the service says."""
+    from pscv.jobs import server
+
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\nulimit -f 0\nexec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    service = server.Service(tmp_path / "root", python=str(python))
+    uploads = [types.SimpleNamespace(filename=path.name, file=open(path, "rb"))
+               for path in (tiny_case["image"], tiny_case["points"][0], tiny_case["classes"])]
+    job_id = service.submit("segment", json.dumps(TINY_SETTINGS), uploads[0], [uploads[1]], uploads[2])["id"]
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(server, "write_state", full)
+    service.start()
+    try:
+        deadline = time.monotonic() + 60
+        while service.info(job_id)["state"] in ("queued", "running"):
+            assert time.monotonic() < deadline, "the job still looks queued"
+            time.sleep(0.1)
+        info = service.info(job_id)
+        assert info["state"] == "error" and "cannot write to the job folder" in info["message"]
+        events, _ = service.events(job_id, service.folder(job_id))
+        assert events[-1]["event"] == "error"
+    finally:
+        service.stop()
+        for upload in uploads:
+            upload.file.close()
+
+
+def test_ended_jobs_older_than_keep_days_are_removed(tmp_path):
+    from pscv.jobs import folder as job_folder
+    from pscv.jobs.server import Limits, Service
+
+    jobs = tmp_path / "root" / "jobs"
+    ids = {"old": "a" * 32, "recent": "b" * 32, "queued": "c" * 32}
+    for job_id in ids.values():
+        (jobs / job_id).mkdir(parents=True)
+        (jobs / job_id / "job.json").write_text("{}")
+    job_folder.write_state(jobs / ids["old"], "done")
+    job_folder.write_state(jobs / ids["recent"], "done")
+    state = json.loads((jobs / ids["old"] / "state.json").read_text())
+    (jobs / ids["old"] / "state.json").write_text(json.dumps({**state, "time": time.time() - 8 * 86400}))
+    service = Service(tmp_path / "root", limits=Limits(keep_days=7))
+    service.recover()
+    assert {p.name for p in jobs.iterdir()} == {ids["recent"], ids["queued"]}

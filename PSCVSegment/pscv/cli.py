@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -229,13 +230,39 @@ def _add_segment(subparsers):
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--server", metavar="URL", help="run the job on a `pscv serve` service (e.g. "
                         "http://gpu-box:8000) instead of on this machine; --device then names the server's device")
-    parser.add_argument("--token", help="the service's token (default: the PSCV_TOKEN environment variable)")
+    _add_token_options(parser, "the service's token")
     _add_training_options(parser, methods=False)
     defaults = CaseSettings()
     parser.epilog = ("segmentation settings (--set KEY=VALUE): " + ", ".join(
         f"{key}={value}" for key, value in defaults.to_dict().items() if key not in ("suggest", "train_model")) +
         "; the other --set keys and the training options are the network's (--save-model, --refine)")
     parser.set_defaults(run=_run_segment)
+
+
+def _add_token_options(parser, what: str) -> None:
+    parser.add_argument("--token-file", metavar="FILE", help=f"a file holding {what} (default: the PSCV_TOKEN "
+                        "environment variable)")
+    parser.add_argument("--token", help=f"{what} itself; other users of this machine can read it in the process "
+                        "list: prefer PSCV_TOKEN or --token-file")
+
+
+def _token(args) -> str | None:
+    """The token of --token-file, --token (with a warning: `ps` shows it) or PSCV_TOKEN, in that order."""
+    if args.token_file:
+        from .base.paths import describe_os_error
+
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8-sig").strip()
+        except OSError as error:
+            raise PSCVError(f"--token-file {describe_os_error(error)}") from None
+        if not token:
+            raise PSCVError(f"--token-file {args.token_file}: the file is empty")
+        return token
+    if args.token:
+        print(f"pscv {args.command}: warning: --token shows in the process list (ps) to every user of this "
+              "machine; prefer the PSCV_TOKEN environment variable or --token-file", file=sys.stderr)
+        return args.token
+    return os.environ.get("PSCV_TOKEN") or None
 
 
 def _check_segment_arguments(args) -> None:
@@ -328,7 +355,7 @@ def _run_segment_on_server(args, volume, classes):
     started = time.monotonic()
     settings = {**_settings_overrides(args), "suggest": args.suggest,
                 "train_model": bool(args.save_model or args.refine)}
-    job = JobClient(args.server, token=args.token).submit(
+    job = JobClient(args.server, token=_token(args)).submit(
         "segment", image=args.image, points=args.points, classes=args.classes, settings=settings,
         strokes=args.strokes or None, model=args.refine)
     progress = ConsoleProgress(quiet=args.quiet)
@@ -858,27 +885,62 @@ def _run_worker(args):
 
 
 def _add_serve(subparsers):
+    from .jobs.server import SETTING_LIMITS
+
     parser = subparsers.add_parser(
         "serve", help="the HTTP service that runs jobs for remote clients (e.g. on a GPU machine)",
         description="Run jobs submitted over HTTP, one at a time per GPU, keeping them under --root. Listens on "
-        "127.0.0.1 unless --host says otherwise; any other address needs a token (--token or PSCV_TOKEN), which "
-        "every request must then send as 'Authorization: Bearer TOKEN'.")
+        "127.0.0.1 unless --host says otherwise; any other address needs a token (PSCV_TOKEN, --token-file or "
+        "--token), which every request must then send as 'Authorization: Bearer TOKEN'. Without a token, only "
+        "requests naming this machine (Host: localhost or a loopback address, --host, --allow-host) and not sent "
+        "by a web page of another origin are answered.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                         "only; 0.0.0.0: every network, needs a token)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--token", help="the secret clients must send (default: the PSCV_TOKEN environment variable)")
+    _add_token_options(parser, "the secret clients must send")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="without a token, also answer requests whose Host is NAME (e.g. the name of an SSH "
+                        "tunnel's end); localhost and loopback addresses always are")
     parser.add_argument("--root", default=None, help="folder for the jobs and their results (default ~/pscv-service)")
-    parser.add_argument("--max-upload-mb", type=float, default=1024, help="largest request accepted (default 1024)")
     parser.add_argument("--gpus", type=int, default=1,
                         help="jobs run at once, one per GPU (GPU n runs every n-th job; default 1)")
+    group = parser.add_argument_group("limits")
+    group.add_argument("--max-upload-mb", type=float, default=1024, help="largest request accepted (default 1024)")
+    group.add_argument("--job-quota-mb", type=float, help="disk a job's inputs may take once unpacked (default: "
+                       "twice --max-upload-mb)")
+    group.add_argument("--keep-days", type=float, default=7, help="remove ended jobs (and their results) this many "
+                       "days after they ended (default 7; 0: keep them)")
+    group.add_argument("--limit", action="append", default=[], metavar="KEY=N",
+                       help="the largest value of a setting a job may ask for: image_size, batch_size, widths (per "
+                       "level), iterations (defaults: " + ", ".join(f"{k}={v}" for k, v in SETTING_LIMITS.items())
+                       + ")")
+    group.add_argument("--stall-timeout", type=float, default=30, metavar="SECONDS",
+                       help="cut off a client whose request stops coming for this long (default 30)")
     parser.set_defaults(run=_run_serve)
+
+
+def _service_limits(args):
+    from .jobs.server import SETTING_LIMITS, Limits
+
+    settings = dict(SETTING_LIMITS)
+    for item in args.limit:
+        key, _, value = item.partition("=")
+        if key not in settings or not value.strip().isdigit() or int(value) < 1:
+            raise PSCVError(f"--limit {item!r}: give KEY=N with KEY one of {', '.join(settings)} and N a whole number")
+        settings[key] = int(value)
+    for option, value in (("--max-upload-mb", args.max_upload_mb), ("--job-quota-mb", args.job_quota_mb),
+                          ("--keep-days", args.keep_days), ("--stall-timeout", args.stall_timeout)):
+        if value is not None and (value < 0 or value == 0 and option != "--keep-days"):
+            raise PSCVError(f"{option} {value:g}: give a positive number")
+    quota = None if args.job_quota_mb is None else int(args.job_quota_mb * 2**20)
+    return Limits(int(args.max_upload_mb * 2**20), quota, args.keep_days, args.stall_timeout, settings)
 
 
 def _run_serve(args):
     from .jobs.server import serve
 
-    serve(host=args.host, port=args.port, token=args.token, root=args.root, max_upload_mb=args.max_upload_mb,
-          gpus=args.gpus)
+    serve(host=args.host, port=args.port, token=_token(args), root=args.root, limits=_service_limits(args),
+          gpus=args.gpus, allow_hosts=args.allow_host)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Used by the client (a local job) and the service (its queue). Imports no torch; 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -96,6 +97,7 @@ class WorkerProcess:
         self.process = start_worker(self.folder, python, env)
         self.done = threading.Event()
         self.ended = False  # its last event has come
+        self.last_event = None  # the last event it printed (or the one written for it)
         self._cancelled = False
 
     def events(self):
@@ -109,11 +111,13 @@ class WorkerProcess:
             if isinstance(event, dict) and "event" in event:
                 device = event.get("device") or device
                 self.ended = self.ended or event["event"] in FINAL_STATES
+                self.last_event = event
                 yield event
         code = self.process.wait()
         self.process.stdout.close()
         if not self.ended:
-            yield self._vanished(code, device)
+            self.last_event = self._vanished(code, device)
+            yield self.last_event
         self.done.set()
 
     def _vanished(self, code: int, device) -> dict:
@@ -127,12 +131,14 @@ class WorkerProcess:
                 how = f"was killed by signal {-code}" if code < 0 else f"ended with exit status {code}"
                 state = {"state": "error", "message": f"the worker process {how} before the job finished; "
                          f"see {self.folder / LOG_FILE}"}
-            write_state(self.folder, state["state"], state["message"])
+            with contextlib.suppress(OSError):  # a full disk: the event below still says how the job ended
+                write_state(self.folder, state["state"], state["message"])
         event = {"event": state["state"], "message": state.get("message"), "device": device,
                  "time": round(time.time(), 3)}
         if state["state"] == "done":
             event["outputs"] = state.get("outputs", {})
-        append_event(self.folder, event)
+        with contextlib.suppress(OSError):
+            append_event(self.folder, event)
         self.ended = True
         return event
 

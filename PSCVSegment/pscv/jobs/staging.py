@@ -207,9 +207,14 @@ def zip_folder(folder, destination) -> Path:
     return destination
 
 
+MAX_MEMBERS = 100_000  # files in one zip: a DICOM series of 5,000 slices is far below
+MAX_MEMBER_NAME = 1024  # characters of a member's path (each part at most 255, as most file systems allow)
+
+
 def extract_zip(source, destination, max_bytes: int, what: str = "zip file") -> Path:
-    """Unpack a zip file into the new folder `destination`, refusing names that leave it, links, and more
-    than `max_bytes` unpacked. Returns the folder, or its only subfolder when it holds nothing else."""
+    """Unpack a zip file into the new folder `destination`, refusing names that leave it, links, names too long
+    or clashing (a file and a folder of one name), more than MAX_MEMBERS files and more than `max_bytes`
+    unpacked. Returns the folder, or its only subfolder when it holds nothing else."""
     destination = Path(destination)
     try:
         archive = zipfile.ZipFile(source)
@@ -217,22 +222,33 @@ def extract_zip(source, destination, max_bytes: int, what: str = "zip file") -> 
         raise PSCVError(f"{what}: not a zip file ({error})") from None
     with archive:
         members = [info for info in archive.infolist() if not info.is_dir()]
+        if len(members) > MAX_MEMBERS:
+            raise PSCVError(f"{what}: {len(members)} files, more than the {MAX_MEMBERS} a zip may hold")
         if sum(info.file_size for info in members) > max_bytes:
             raise PSCVError(f"{what}: more than {max_bytes // 2**20} MB once unpacked")
         destination.mkdir(parents=True)
         for info in members:
-            parts = PurePosixPath(info.filename.replace("\\", "/")).parts
-            is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
-            if not parts or info.filename.startswith(("/", "\\")) or ".." in parts or ":" in info.filename or is_link:
-                raise PSCVError(f"{what}: refusing the member {info.filename!r} (absolute, '..', drive or link)")
-            target = destination.joinpath(*parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with archive.open(info) as stream, open(target, "wb") as out:
-                    shutil.copyfileobj(stream, out, 2**20)
-            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as error:
-                raise PSCVError(f"{what}: damaged or unsupported member {info.filename!r} ({error})") from None
+            _extract_member(archive, info, destination, what)
     entries = list(destination.iterdir())
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else destination
 
 
+def _extract_member(archive, info, destination: Path, what: str) -> None:
+    name = info.filename
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
+    if not parts or name.startswith(("/", "\\")) or ".." in parts or ":" in name or is_link:
+        raise PSCVError(f"{what}: refusing the member {name[:80]!r} (absolute, '..', drive or link)")
+    if len(name) > MAX_MEMBER_NAME or any(len(part.encode()) > 255 for part in parts):
+        raise PSCVError(f"{what}: refusing the member {name[:80]!r}... (a name of {len(name)} characters; at most "
+                        f"{MAX_MEMBER_NAME}, and 255 bytes a part)")
+    target = destination.joinpath(*parts)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with archive.open(info) as stream, open(target, "xb") as out:
+            shutil.copyfileobj(stream, out, 2**20)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as error:
+        raise PSCVError(f"{what}: damaged or unsupported member {name[:80]!r} ({error})") from None
+    except (FileExistsError, NotADirectoryError, IsADirectoryError):
+        raise PSCVError(f"{what}: the member {name[:80]!r} clashes with another of the same name (a file and a "
+                        "folder, or twice the same file)") from None
