@@ -240,3 +240,81 @@ def test_bench_interactive_runs_a_session_per_method_and_reports_it(tmp_path):
     assert (tmp_path / "bench" / "figure.png").stat().st_size > 10_000
     wrong = pscv("bench", "interactive", "--data", tmp_path, check=False)
     assert wrong.returncode == 2 and "neither the ACDC folder" in wrong.stderr
+
+
+# What a new user meets in the first hour (issue 13) ---------------------------------------------------------
+
+
+def run(capsys, *args) -> tuple:
+    from pscv import cli
+
+    try:
+        code = cli.main([str(a) for a in args])
+    except SystemExit as exit:  # --help
+        code = exit.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_pscv_without_a_command_exits_2_as_the_readme_says(capsys):
+    code, _, err = run(capsys)
+    assert code == 2 and "usage: pscv" in err
+    assert "exit with status 2" in README
+
+
+README = (Path(__file__).parents[1] / "README.md").read_text()
+
+
+def test_help_says_what_runs_by_default_budgets_defaults_and_what_predict_does(capsys):
+    from pscv.learn.single_case import CPU_BUDGET, GPU_BUDGET
+
+    _, top, _ = run(capsys, "--help")
+    assert "affinity" in top and "pseudo-labels" in top and "with the PSCV method" not in top
+    _, text, _ = run(capsys, "segment", "--help")
+    text = " ".join(text.split())
+    for budget in (CPU_BUDGET, GPU_BUDGET):
+        assert f"{budget['iterations']} iterations at {budget['image_size']} px" in text
+    assert "region around the organ clicks" in text
+    _, text, _ = run(capsys, "predict", "--help")
+    assert "Segment an image, or every image of a folder" in " ".join(text.split())
+    for command in ("prepare-acdc", "bench"):
+        _, text, _ = run(capsys, command, "--help")
+        assert "default: ../shared/data/acdc" in " ".join(text.split()), command
+
+
+def test_the_readme_says_what_runs_what_segment_saves_and_what_the_skipped_test_needs():
+    intro = README.split("## Quick start")[0]
+    assert "pseudo-labels" in intro and "with the PSCV method" not in intro
+    assert "dciodvfy" in README and "dicom3tools" in README
+    assert "about 1.5 minutes" not in README
+
+
+def test_missing_acdc_data_names_the_folder_and_how_to_get_it(capsys, tmp_path):
+    for command in (["prepare-acdc", "--split", "train", "--out", tmp_path / "out"], ["bench", "acdc", "--out",
+                                                                                      tmp_path / "bench"]):
+        code, _, err = run(capsys, *command, "--data", tmp_path / "nowhere")
+        assert code == 2 and str(tmp_path / "nowhere") in err and "HiLab-git/WSL4MIS" in err, err
+
+
+def test_evaluate_names_a_missing_file(capsys, tmp_path):
+    code, _, err = run(capsys, "evaluate", tmp_path / "pred.seg.nrrd", DATA / f"{CASE}_label.nrrd")
+    assert code == 2 and f"{tmp_path / 'pred.seg.nrrd'}: no such file or folder" in err, err
+
+
+def test_evaluate_finds_the_cases_predict_wrote_into_a_folder(capsys, tmp_path):
+    """predict FOLDER writes <case>.seg.nrrd; evaluate pairs it with labels/<case>.nrrd."""
+    from pscv.data.classes import read_classes
+    from pscv.data.segmentations import read_segmentation, write_segmentation
+    from pscv.data.volumes import read_image
+
+    classes = read_classes(DATA / "classes.json")
+    volume = read_image(DATA / f"{CASE}.nrrd")
+    predictions, labels = tmp_path / "predictions", tmp_path / "labels"
+    labels.mkdir()
+    shutil.copy(DATA / f"{CASE}_label.nrrd", labels / f"{CASE}.nrrd")
+    write_segmentation(predictions / f"{CASE}.seg.nrrd", read_segmentation(labels / f"{CASE}.nrrd", classes),
+                       volume, classes)
+    code, out, err = run(capsys, "evaluate", predictions, labels, "--classes", DATA / "classes.json")
+    assert code == 0, err
+    assert "(1 case(s))" in out and float(next(line.split()[1] for line in out.splitlines()
+                                               if line.startswith("mean"))) == 1.0

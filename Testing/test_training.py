@@ -182,3 +182,22 @@ def test_cancel_stops_training_at_the_next_step():
     assert len(steps) <= 5
 
 
+def test_progress_reaches_the_end_of_loading_and_shows_each_steps_own_loss(monkeypatch):
+    """Every step reported (the clock runs a second per call): the loss shown is that step's, not one ten steps
+    old, and the load stage ends at 1/1 (issue 13)."""
+    import functools
+    import itertools
+
+    from pscv.base import progress as progress_module
+    from pscv.learn import training as training_module
+
+    clock = itertools.count()
+    monkeypatch.setattr(training_module, "Reporter",
+                        functools.partial(progress_module.Reporter, clock=lambda: float(next(clock))))
+    volume, labels = two_organ_volume(slices=3, size=32)
+    events = []
+    train([Case(volume, simulate_clicks(labels, 0))], CLASSES, TrainSettings(method="pce", iterations=10, **TINY),
+          progress=events.append)
+    assert [(e["step"], e["total"]) for e in events if e["stage"] == "load"] == [(0, 1), (1, 1)]
+    losses = [e["loss"] for e in events if e["stage"] == "train"]
+    assert len(losses) == 10 and len(set(losses[:9])) == 9  # not the first step's loss shown nine times

@@ -29,14 +29,19 @@ from .data.formats import (
 # Help texts naming file formats, from the one table of them (pscv.data.formats).
 IMAGE_HELP = f"{listing([f.name for f in IMAGE_FORMATS])} ({', '.join(IMAGE_SUFFIXES)})"
 SEGMENTATION_HELP = f"{SEG_NRRD} (3D Slicer) or a label map ({listing(ONE_FILE_SUFFIXES)})"
+ACDC_DATA = "../shared/data/acdc"
+ACDC_DATA_HELP = ("the ACDC folder: volumes/*.h5 and train_patients.txt, val_patients.txt, as in HiLab-git/WSL4MIS "
+                  "data/ACDC (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pscv",
-        description="Segment organs in CT/MRI volumes from a few clicks: a 2D U-Net is trained from point "
-        "annotations with the PSCV method (partial cross-entropy + contrastive variance loss).",
-    )
+        description="Segment organs in CT/MRI volumes from a few clicks: one image from its own clicks (segment: a "
+        "random walker, seconds), or a 2D U-Net trained from the clicks of a cohort (train) that segments new images "
+        "(predict). By default the network's loss is partial cross-entropy on the clicks + a CRF-like affinity + "
+        "EMA pseudo-labels (what measured best); --method pscv adds the paper's contrastive variance loss (as "
+        "reconstructed here).")
     parser.add_argument("--version", action="version", version=f"pscv {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_segment, _add_train, _add_predict, _add_evaluate, _add_export, _add_prepare, _add_prepare_acdc,
@@ -50,8 +55,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "run", None):
-        parser.print_help()
-        return 1
+        parser.print_help(sys.stderr)
+        return 2
     restore = _terminate_as_interrupt()
     try:
         return args.run(args) or 0
@@ -113,9 +118,9 @@ def _out_of_memory(error: BaseException) -> bool:
 class ConsoleProgress:
     """Prints progress events on stderr: one updating line on a terminal, a line every few seconds in a log."""
 
-    def __init__(self, stream=sys.stderr, quiet: bool = False):
-        self.stream, self.quiet = stream, quiet
-        self.interactive = stream.isatty()
+    def __init__(self, stream=None, quiet: bool = False):
+        self.stream, self.quiet = stream or sys.stderr, quiet  # sys.stderr as it is now, not at import
+        self.interactive = self.stream.isatty()
         self.last_stage, self.last_print = None, 0.0
 
     def __call__(self, event: dict) -> None:
@@ -361,8 +366,10 @@ def _run_segment_on_server(args, volume, classes):
     progress = ConsoleProgress(quiet=args.quiet)
     try:
         for event in job.events():
-            if event["event"] in ("queued", "warning") and not args.quiet:
-                print(f"pscv segment: {event['event']}: {event['message']}", file=sys.stderr)
+            if event["event"] == "queued" and not args.quiet:
+                print(f"pscv segment: {event['message']}", file=sys.stderr)
+            elif event["event"] == "warning" and not args.quiet:
+                print(f"pscv segment: warning: {event['message']}", file=sys.stderr)
             progress(event)
     except KeyboardInterrupt:
         job.cancel()
@@ -591,8 +598,12 @@ def _run_train(args):
 
 
 def _add_predict(subparsers):
-    parser = subparsers.add_parser("predict", help="segment images with a trained model")
-    parser.add_argument("image", help="an image file, or a folder of images")
+    parser = subparsers.add_parser(
+        "predict", help="segment images with a trained model",
+        description="Segment an image, or every image of a folder, with a model written by pscv train or pscv "
+        "segment --save-model (a model saved by segment was trained on its click region only: it suits images "
+        "cropped alike). A folder's results are named after its images: <case>FORMAT in the --out folder.")
+    parser.add_argument("image", help="an image file, a DICOM series folder, or a folder of image files")
     parser.add_argument("--model", required=True, help="a model folder written by pscv train or segment")
     parser.add_argument("--out", required=True,
                         help=f"output file for one image: {SEGMENTATION_HELP}; a folder for a folder")
@@ -651,13 +662,17 @@ def _add_evaluate(subparsers):
 
 
 def _pair_files(predictions: Path, truths: Path) -> list[tuple[str, Path, Path]]:
-    from .data.dataset import case_name, find_images
+    from .data.dataset import case_name, find_segmentations
 
+    for path in (predictions, truths):
+        if not path.exists():
+            raise PSCVError(f"{path}: no such file or folder")
     if predictions.is_file() and truths.is_file():
         return [(case_name(truths) or truths.name, predictions, truths)]
     if not (predictions.is_dir() and truths.is_dir()):
-        raise PSCVError(f"{predictions} and {truths}: give two files or two folders")
-    found, expected = find_images(predictions), find_images(truths)
+        raise PSCVError(f"{predictions} and {truths}: give two files or two folders (one is a file, the other a "
+                        "folder)")
+    found, expected = find_segmentations(predictions), find_segmentations(truths)
     missing = sorted(set(expected) - set(found))
     if missing:
         raise PSCVError(f"{predictions}: no prediction for {len(missing)} case(s) of {truths}: "
@@ -747,7 +762,7 @@ def _add_prepare_acdc(subparsers):
         "prepare-acdc", help="convert the ACDC volumes into a dataset folder with simulated clicks",
         description="Write DATASET/images, labels, points (one random click per class present in every slice, "
         "background included, seeded) and classes.json for the patients of one split.")
-    parser.add_argument("--data", default="../shared/data/acdc", help="the ACDC folder (volumes/, *_patients.txt)")
+    parser.add_argument("--data", default=ACDC_DATA, help=ACDC_DATA_HELP)
     parser.add_argument("--split", choices=["train", "val"], required=True)
     parser.add_argument("--out", required=True, help="the dataset folder to write")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated clicks (default 0)")
@@ -781,7 +796,7 @@ def _add_bench(subparsers):
     parser.add_argument("--profile", choices=["quick", "paper"], default="quick",
                         help="quick: 128 px, 1000 iterations, batch 12, for 2 CPU cores; paper: 256 px, 30000 "
                         "iterations, batch 12, for a GPU")
-    parser.add_argument("--data", default="../shared/data/acdc", help="acdc, interactive: the ACDC folder (volumes/, "
+    parser.add_argument("--data", default=ACDC_DATA, help="acdc, interactive: the ACDC folder (volumes/, "
                         "*_patients.txt); interactive also takes a dataset folder with labels/ (pscv prepare) "
                         "(default: %(default)s)")
     parser.add_argument("--split", default="val", choices=["train", "val"],

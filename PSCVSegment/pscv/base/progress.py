@@ -31,9 +31,11 @@ class Reporter:
         self.last_report = -1.0
         self.samples = deque([(self.started, first_step)])  # (time, step) of the reports in the window
 
-    def step(self, step: int, loss: float | None = None, force: bool = False, **extra) -> None:
-        """Report that `step` of `total` steps are done; raise Cancelled if asked to stop."""
-        if self.should_stop is not None and self.should_stop():
+    def step(self, step: int, loss=None, force: bool = False, ask: bool = True, **extra) -> None:
+        """Report that `step` of `total` steps are done, with the loss of that step (a number, or a callable
+        giving it: called only when the step is reported); raise Cancelled if asked to stop (`ask`: whether to
+        ask `should_stop`)."""
+        if ask and self.should_stop is not None and self.should_stop():
             raise Cancelled(f"{self.stage} cancelled at step {step} of {self.total}")
         if self.progress is None:
             return
@@ -42,6 +44,7 @@ class Reporter:
             return
         self.last_report = now
         seconds_left = self.seconds_left(now, step)
+        loss = loss() if callable(loss) else loss
         event = {"event": "progress", "stage": self.stage, "step": int(step), "total": int(self.total),
                  "loss": None if loss is None else float(loss),
                  "seconds_left": None if seconds_left is None else round(seconds_left, 1),

@@ -18,7 +18,7 @@ import numpy as np
 from .. import PSCVError
 from .classes import ClassInfo, read_classes
 from .clicks import Clicks, read_clicks
-from .formats import IMAGE_SUFFIXES
+from .formats import IMAGE_SUFFIXES, READABLE_SEGMENTATION_SUFFIXES, SEG_NRRD
 from .segmentations import read_segmentation
 from .volumes import Volume, read_image
 
@@ -43,21 +43,35 @@ class Case:
     name: str = ""
 
 
-def case_name(path: Path) -> str | None:
-    """`patient001_frame01.nii.gz` -> `patient001_frame01`; None for files that are no image."""
-    for suffix in IMAGE_SUFFIXES:
-        if path.name.endswith(suffix):
+def case_name(path: Path, suffixes=READABLE_SEGMENTATION_SUFFIXES) -> str | None:
+    """`patient001_frame01.nii.gz` -> `patient001_frame01`, `case.seg.nrrd` -> `case`; None for a file whose name
+    ends in none of `suffixes` (the longest that fits is taken off)."""
+    for suffix in sorted(suffixes, key=len, reverse=True):
+        if path.name.lower().endswith(suffix):
             return path.name[: -len(suffix)]
     return None
 
 
-def find_images(folder: Path) -> dict[str, Path]:
-    images = {}
+def _find(folder: Path, suffixes, skip=()) -> dict[str, Path]:
+    found = {}
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-        name = case_name(path)
-        if name is not None and not path.name.startswith("."):
-            images[name] = path
-    return images
+        name = case_name(path, suffixes)
+        if name is None or path.name.startswith(".") or path.name.lower().endswith(tuple(skip)):
+            continue
+        if name in found:
+            raise PSCVError(f"{folder}: two files for case {name!r}: {found[name].name} and {path.name}; keep one")
+        found[name] = path
+    return found
+
+
+def find_images(folder: Path) -> dict[str, Path]:
+    """The images of a folder by case name (`formats.IMAGE_SUFFIXES`; a `.seg.nrrd` is a segmentation, no image)."""
+    return _find(Path(folder), IMAGE_SUFFIXES, skip=(SEG_NRRD,))
+
+
+def find_segmentations(folder: Path) -> dict[str, Path]:
+    """The segmentations of a folder by case name: `<case>.seg.nrrd` or a label map `<case>.nrrd|.nii.gz|...`."""
+    return _find(Path(folder), READABLE_SEGMENTATION_SUFFIXES)
 
 
 def read_dataset(folder: str | Path) -> tuple[list[ClassInfo], list[DatasetCase]]:
@@ -68,7 +82,7 @@ def read_dataset(folder: str | Path) -> tuple[list[ClassInfo], list[DatasetCase]
     images = find_images(folder / "images")
     if not images:
         raise PSCVError(f"{folder / 'images'}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-    labels = find_images(folder / "labels")
+    labels = find_segmentations(folder / "labels")
     cases = []
     for name, image in images.items():
         points = folder / "points" / f"{name}.mrk.json"

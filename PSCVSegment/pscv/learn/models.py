@@ -21,7 +21,7 @@ from ..data.classes import ClassInfo, classes_to_json, parse_classes
 from ..data.formats import MODEL_FILES
 from ..data.intensity import check_normalization
 from .network import UNet
-from .settings import SCHEMA, check_setting, check_settings
+from .settings import SCHEMA, check_setting, check_settings, describe_method
 
 FORMAT = "pscv-model/1"
 WEIGHTS, METADATA, CARD = MODEL_FILES
@@ -107,12 +107,12 @@ def model_card(metadata: dict) -> dict:
         "format": CARD_FORMAT,
         "engine_version": metadata.get("engine_version"),
         "date": training.get("date"),
-        "method": metadata.get("method"),
+        "method": describe_method({"method": metadata.get("method"), **(metadata.get("settings") or {})}),
         "classes": [{"name": c["name"], "value": c["value"]} for c in classes],
         "settings": metadata.get("settings"),
         "network": metadata.get("network"),
         "normalization": metadata.get("normalization"),
-        "data": {key: training.get(key) for key in ("cases", "slices", "clicks")},
+        "data": {key: training.get(key) for key in ("cases", "slices", "clicks", "region")},
         "training": {key: training.get(key) for key in ("device", "device_name", "processes", "global_batch",
                                                          "seconds", "images_per_second", "resumed_from_step")},
         "validation": metadata.get("validation"),

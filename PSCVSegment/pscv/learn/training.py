@@ -316,7 +316,7 @@ def train(cases: list[Case], classes: list[ClassInfo], settings: TrainSettings |
                 save_checkpoint(run, checkpoint_dir, step + 1)
                 raise Cancelled(f"train cancelled at step {step + 1} of {settings.iterations}")
         try:
-            reporter.step(step + 1, run.history[-1]["loss"] if run.history else None)
+            reporter.step(step + 1, lambda loss=loss: loss.detach().item())  # this step's loss, read when reported
         except Cancelled:
             save_checkpoint(run, checkpoint_dir, step + 1)
             raise
@@ -345,6 +345,7 @@ def setup_run(cases, classes, settings: TrainSettings, progress=None, should_sto
     data = build_training_tensors(cases, classes, settings, torch.device("cpu"))
     totals = {"slices": len(data.images), "clicks": int((data.sparse != IGNORE).sum().item())}
     data = slices_on_device(data, distributed.shard(totals["slices"], processes) if several else None, device)
+    reporter.step(1, force=True)
     network_shape = shape_of_network(classes, settings, training=True)
     network = build_network(network_shape)
     if initial is not None:

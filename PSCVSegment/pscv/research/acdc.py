@@ -17,11 +17,22 @@ from ..data.classes import ACDC_CLASSES, write_classes
 from ..data.clicks import case_seed, simulate_clicks, write_markups
 from ..data.volumes import Volume, write_image
 
+HOW_TO_GET = ("get the preprocessed ACDC volumes of HiLab-git/WSL4MIS (data/ACDC: ACDC_training_volumes/*.h5 as "
+              "volumes/, and the train/val patient lists as train_patients.txt, val_patients.txt), or pass --data "
+              "with the folder that holds them")
+
+
+def check_acdc_folder(data: Path) -> None:
+    """The ACDC folder holds volumes/ and the split files; else a PSCVError naming the folder and the fix."""
+    missing = [name for name in ("volumes", "train_patients.txt", "val_patients.txt") if not (data / name).exists()]
+    if missing:
+        where = f"{data} (that is {data.absolute()})" if not data.is_absolute() else str(data)
+        raise PSCVError(f"{where}: not the ACDC folder ({', '.join(missing)} missing): {HOW_TO_GET}")
+
 
 def read_split(data: Path, split: str) -> list[str]:
+    check_acdc_folder(data)
     path = data / f"{split}_patients.txt"
-    if not path.is_file():
-        raise PSCVError(f"{path}: no such split file (expected {data}/train_patients.txt and val_patients.txt)")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from .. import PSCVError, __version__
 from ..base.atomic import write_text_atomic
 from ..data.classes import ACDC_CLASSES
+from .acdc import check_acdc_folder
 
 # What each row of the table trains: the plain losses, the earlier default (pCE + affinity + pseudo-labels),
 # the paper's loss with the same two terms, `default` (whatever `pscv train` does by default) and dense labels.
@@ -211,8 +212,7 @@ def run_acdc_benchmark(data, out, profile="quick", methods=DEFAULT_RECIPES, devi
     settings = benchmark_settings(profile, device, seed, iterations, overrides)
     check_recipes(methods)
     data, out = Path(data), Path(out)
-    if not (data / "volumes").is_dir():
-        raise PSCVError(f"{data}: not the ACDC folder (expected volumes/ and *_patients.txt); pass --data")
+    check_acdc_folder(data)
     resolved = resolve_device(device)
     classes = ACDC_CLASSES
     train_cases, val_cases = load_cases(data, "train", seed), load_cases(data, "val", seed)
