@@ -48,12 +48,16 @@ def parse_normalization(text: str | None) -> dict:
 
 
 def normalize(array: np.ndarray, settings: dict) -> np.ndarray:
-    """Clip and scale an image to [0, 1] as float32."""
+    """Clip and scale an image to [0, 1] as float32: one float32 array the size of the image, besides the
+    percentile's own working copy (float64 limits would promote every step to float64 under NumPy 2)."""
     array = np.asarray(array, dtype=np.float32)
     if settings["mode"] == "percentile":
-        low, high = np.percentile(array, [settings["low"], settings["high"]])
+        low, high = (float(v) for v in np.percentile(array, [settings["low"], settings["high"]]))
     else:
-        low, high = settings["low"], settings["high"]
+        low, high = float(settings["low"]), float(settings["high"])
     if high <= low:  # a constant image
         return np.zeros_like(array)
-    return ((np.clip(array, low, high) - low) / (high - low)).astype(np.float32)
+    out = np.clip(array, np.float32(low), np.float32(high))
+    out -= np.float32(low)
+    out /= np.float32(high - low)
+    return out

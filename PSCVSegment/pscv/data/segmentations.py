@@ -58,11 +58,19 @@ def _labelmap_dtype(classes: list[ClassInfo]):
     return np.uint8 if max(c.value for c in classes) <= 255 else np.uint16
 
 
+PRESENT_CHUNK = 2**16  # voxels counted at a time: the integer copy bincount makes stays at 512 KiB
+
+
 def present_values(labelmap: np.ndarray) -> list:
-    """The distinct values of a label map (a bincount for small non-negative integers: much faster)."""
+    """The distinct values of a label map (a bincount for small non-negative integers: much faster, counted a
+    chunk at a time so that the integer copy bincount makes is never the size of the whole map)."""
     if labelmap.dtype.kind in "bu" or (labelmap.dtype.kind == "i" and labelmap.size and labelmap.min() >= 0):
         if labelmap.size and int(labelmap.max()) < 65536:
-            return np.flatnonzero(np.bincount(labelmap.ravel().astype(np.intp, copy=False))).tolist()
+            flat = labelmap.reshape(-1)
+            counts = np.zeros(int(labelmap.max()) + 1, dtype=np.int64)
+            for start in range(0, flat.size, PRESENT_CHUNK):
+                counts += np.bincount(flat[start:start + PRESENT_CHUNK], minlength=len(counts))
+            return np.flatnonzero(counts).tolist()
     return np.unique(labelmap).tolist()
 
 

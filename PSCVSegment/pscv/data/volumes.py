@@ -15,7 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import PSCVError
+from ..base.resources import check_memory, describe_bytes
 from .formats import ONE_FILE_SUFFIXES
+
+MAX_COMPRESSION = 1032  # deflate (gzip, zlib: what NRRD, NIfTI and MetaImage files use) packs no better
 
 
 @dataclass
@@ -109,17 +112,50 @@ def _check_dicom_file(image, path: Path) -> None:
 
 
 def _read_file(path: Path):
+    """The image of a file, after checking what its header says (before a voxel is read)."""
     import SimpleITK as sitk
 
     if path.stat().st_size == 0:
         raise PSCVError(f"{path}: the file is empty")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        return sitk.ReadImage(str(path))
+        reader.ReadImageInformation()
+        _check_header(reader, path)
+        return reader.Execute()
     except RuntimeError as error:
         raise PSCVError(
             f"{path}: could not read the image ({str(error).strip().splitlines()[-1]}); expected NRRD, NIfTI, "
             "MHA/MHD, or a folder holding a DICOM series"
         ) from None
+
+
+def _check_header(reader, path: Path) -> None:
+    """Refuse, from the header alone, an image whose axes are not independent or that cannot fit in memory."""
+    import SimpleITK as sitk
+
+    dimension = reader.GetDimension()
+    direction = np.reshape(reader.GetDirection(), (dimension, dimension))
+    if abs(np.linalg.det(direction)) < 1e-6 or not np.all(np.isfinite(direction)):
+        rows = "; ".join(" ".join(f"{v:g}" for v in row) for row in direction)
+        raise PSCVError(f"{path}: the image's axis directions are not independent (direction matrix {rows}: "
+                        "its determinant is 0); the header is damaged: fix its space directions (NRRD) or "
+                        "orientation (NIfTI) and read it again")
+    if not all(s > 0 and np.isfinite(s) for s in reader.GetSpacing()):
+        raise PSCVError(f"{path}: the header gives a voxel spacing of {list(reader.GetSpacing())}; spacings must be "
+                        "positive: the header is damaged")
+    voxels = float(np.prod([float(n) for n in reader.GetSize()])) * reader.GetNumberOfComponents()
+    component = sitk.Image([1] * dimension, reader.GetPixelID()).GetSizeOfPixelComponent()
+    size = " x ".join(str(n) for n in reader.GetSize())
+    data = voxels * component
+    if path.name.lower().endswith(ONE_FILE_SUFFIXES) and data > MAX_COMPRESSION * path.stat().st_size + 2**20:
+        raise PSCVError(f"{path}: the header says {size} voxels ({describe_bytes(data)}), but the file holds only "
+                        f"{describe_bytes(path.stat().st_size)}, less than any compression could pack them into: "
+                        "the file is truncated or its header is damaged")
+    # The file's voxels, their numpy copy and the float32 image made of it.
+    float32 = reader.GetPixelID() == sitk.sitkFloat32
+    check_memory(voxels * (2 * component + (0 if float32 else 4)), f"{path}: reading this {size} image",
+                 "crop or downsample it (e.g. in 3D Slicer: Crop Volume), or use a machine with more memory")
 
 
 def _read_dicom_folder(folder: Path, series_uid: str | None) -> Volume:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .. import PSCVError
 from ..base.progress import Reporter
+from ..base.resources import check_memory
 from ..data.dataset import load_case, read_dataset
 from ..data.intensity import normalize
 from ..data.volumes import Volume
@@ -27,6 +28,10 @@ def slice_probabilities(model: Model, volume: Volume, device="auto", batch_size:
     """Yield (first slice, class probabilities (K, n, H, W) on the native grid, a tensor on the device) batch
     by batch along the slice axis (`volume.slice_axis()`)."""
     device = resolve_device(device) if isinstance(device, str) else device
+    if device.type == "cpu":
+        check_memory(inference_bytes(model, volume, batch_size), f"segmenting a {'x'.join(map(str, volume.shape))} "
+                     f"volume with a network of {model.image_size} x {model.image_size} pixels",
+                     "lower the batch size (a predict job's batch_size), or use a machine with more memory")
     network = model.network.to(device).eval()
     slices = np.moveaxis(normalize(volume.array, model.metadata["normalization"]), volume.slice_axis(), 0)
     count, height, width = slices.shape
@@ -40,6 +45,17 @@ def slice_probabilities(model: Model, volume: Volume, device="auto", batch_size:
         logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
         yield start, logits.softmax(dim=1).permute(1, 0, 2, 3)
         reporter.step(min(start + batch_size, count))
+
+
+def inference_bytes(model: Model, volume: Volume, batch_size: int) -> float:
+    """A rough upper bound of the memory segmenting `volume` takes besides the model and the image: its
+    normalised copy, the label map, and per batch of slices the network's largest maps (no gradients) and the
+    class probabilities on the native grid."""
+    network = model.metadata["network"]
+    size, plane = model.image_size, volume.array.size / max(volume.shape[volume.slice_axis()], 1)
+    largest_map = size * size * max(width / 4**level for level, width in enumerate(network["widths"]))
+    per_slice = 3 * largest_map + 3 * network["num_classes"] * plane
+    return 4.0 * (2 * volume.array.size + batch_size * per_slice)
 
 
 def predict_volume(model: Model, volume: Volume, device="auto", batch_size: int = 16, progress=None,

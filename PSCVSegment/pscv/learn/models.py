@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .. import PSCVError, __version__
 from ..base.jsonfile import read_json
+from ..base.resources import check_memory
 from ..data.classes import ClassInfo, classes_to_json, parse_classes
 from ..data.formats import MODEL_FILES
 from ..data.intensity import check_normalization
@@ -192,6 +193,8 @@ def load_model(directory: str | Path, classes: list[ClassInfo] | None = None, de
             raise PSCVError(f"{directory}: the model was trained for classes "
                             f"{[f'{n}={v}' for n, v in found]}, not {[f'{n}={v}' for n, v in expected]}; "
                             "use a model trained for these classes or change classes.json")
+    check_memory(2 * network_bytes(metadata["network"]), f"{directory}: loading this model",
+                 "its network is larger than this machine can hold; use a machine with more memory")
     network = build_network(metadata["network"])
     try:
         state = load_file(str(weights_path), device=str(device))

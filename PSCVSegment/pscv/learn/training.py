@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from .. import PSCVError
 from ..base.progress import Cancelled, Reporter
+from ..base.resources import check_memory
 from ..data.classes import ClassInfo
 from ..data.dataset import Case
 from ..data.intensity import normalize
@@ -54,7 +55,7 @@ from .losses import (
     pseudo_label_cross_entropy,
     variance_maps,
 )
-from .models import Model, build_metadata, build_network
+from .models import Model, build_metadata, build_network, network_bytes
 from .settings import METHODS, TrainSettings  # noqa: F401 (the settings are part of what training offers)
 
 
@@ -230,6 +231,35 @@ def build_optimizer(network: torch.nn.Module, settings: TrainSettings) -> torch.
                            weight_decay=settings.weight_decay)
 
 
+def training_slices(cases, settings: TrainSettings) -> int:
+    """How many slices training will hold: those with clicks (every slice for `full`)."""
+    count = 0
+    for case in cases:
+        axis = case.image.slice_axis()
+        if settings.method == "full":
+            count += case.image.shape[axis]
+        elif case.clicks is not None and len(case.clicks):
+            count += len(np.unique(case.clicks.kji[:, axis]))
+    return count
+
+
+def training_bytes(cases, classes, settings: TrainSettings, device_type: str = "cpu") -> float:
+    """A rough upper bound of the host memory training takes beyond the images already read: the slices resized
+    to image_size (plus one volume's working copies); on the CPU also the weights (with their gradients,
+    momentum and EMA teacher) and a batch's activations: about 20 maps per U-Net level and the affinity term's
+    25 neighbours of each probability map, and a quarter more for the backward pass (measured on the CPU: within
+    1.5 times of the peak for image_size 128-256 and batch_size 8-32)."""
+    size, batch = settings.image_size, settings.batch_size
+    largest = max((case.image.array.size for case in cases), default=0)
+    needed = training_slices(cases, settings) * size * size * 6 + largest * 8
+    if device_type == "cpu":
+        network = shape_of_network(classes, settings)
+        levels = sum(20 * width * (size // 2**level) ** 2 for level, width in enumerate(settings.widths))
+        affinity = 25 * 3 * (len(classes) + 2) * size * size if settings.affinity_weight else 0
+        needed += 4 * network_bytes(network) + 1.25 * 4 * batch * (levels + affinity)
+    return float(needed)
+
+
 def poly_learning_rate(settings: TrainSettings, step: int) -> float:
     return settings.learning_rate * (1 - step / settings.iterations) ** 0.9
 
@@ -341,7 +371,11 @@ def setup_run(cases, classes, settings: TrainSettings, progress=None, should_sto
     augmenter = torch.Generator().manual_seed(settings.seed + processes.size) if several else generator
     reporter = Reporter("load", 1, progress if processes.main else None, None if several else should_stop,
                         device=str(device))
-    reporter.step(0, force=True)
+    reporter.step(0, force=True, ask=False)  # `should_stop` is asked once loading has ended
+    check_memory(training_bytes(cases, classes, settings, device.type),
+                 f"training on {training_slices(cases, settings)} slices of {settings.image_size} x "
+                 f"{settings.image_size} pixels, batch size {settings.batch_size}",
+                 "lower image_size or batch_size (--image-size, --batch-size), or the network's widths")
     data = build_training_tensors(cases, classes, settings, torch.device("cpu"))
     totals = {"slices": len(data.images), "clicks": int((data.sparse != IGNORE).sum().item())}
     data = slices_on_device(data, distributed.shard(totals["slices"], processes) if several else None, device)
