@@ -3,11 +3,13 @@
 Plain Python that never imports slicer, qt, ctk or vtk. Its layers are its subpackages, lowest first; a
 module imports only from its own layer and those below (Testing/test_layers.py checks every import):
 
-    pscv, pscv.base   PSCVError, __version__; atomic writes, progress events and cancel    no torch
+    pscv, pscv.base   PSCVError, __version__; atomic writes, JSON inputs, output paths,      no torch
+                      memory bounds, progress events and cancel
     pscv.data         files and plain data: formats, images, DICOM, geometry, classes,      no torch
                       clicks, segmentation files, DICOM-SEG, intensities, metrics, datasets
-    pscv.learn        network, losses, the one training loop, inference, models,            torch
-                      checkpoints, several processes, the single-case mode
+    pscv.learn        the settings and their schema (no torch), network, losses, the one   torch
+                      training loop, inference, models, checkpoints, several processes,
+                      the single-case mode
     pscv.jobs         the job-folder format, input staging, running a job, the worker,      torch only in
                       worker processes, the client, the HTTP service                         runner/worker
     pscv.cli          the `pscv` command line (imports the layers below inside its commands)
@@ -15,8 +17,8 @@ module imports only from its own layer and those below (Testing/test_layers.py c
     pscv.research     the ACDC benchmark and data preparation: only `pscv.cli` imports it, and the Slicer
                       extension does not ship it
 
-3D Slicer's own process uses pscv.data, pscv.jobs.client and pscv.slicer_inputs. docs/ENGINE_API.md is the
-contract between the parts.
+3D Slicer's own process uses pscv.data, pscv.jobs.client (with pscv.learn.settings) and pscv.slicer_inputs.
+docs/ENGINE_API.md is the contract between the parts.
 """
 
 __version__ = "0.1.0"
