@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_SETTINGS, write_tiny_case, write_tiny_job
+from conftest import TINY_SETTINGS, files_under, write_tiny_case, write_tiny_job
 
 from pscv import PSCVError
 from pscv.data.segmentations import read_segmentation
@@ -313,6 +313,54 @@ def run_worker(folder, timeout=60) -> tuple:
     result = subprocess.run([sys.executable, "-m", "pscv", "worker", str(folder)], capture_output=True, text=True,
                             env=WORKER_ENV, timeout=timeout)
     return result.returncode, [json.loads(line) for line in result.stdout.splitlines()], result.stderr
+
+
+def test_a_second_worker_leaves_a_finished_job_and_its_results_alone(tmp_path):
+    """A second `pscv worker` on a done job, stopped with SIGTERM, deleted result.seg.nrrd and result-model/ and
+    marked the job cancelled."""
+    folder = write_tiny_job(tmp_path / "job")
+    code, events, _ = run_worker(folder)
+    assert code == 0 and events[-1]["event"] == "done"
+    before = files_under(folder)
+    second = subprocess.Popen([sys.executable, "-m", "pscv", "worker", str(folder)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=WORKER_ENV, text=True)
+    first_line = second.stdout.readline()  # its first event: it has looked at the folder
+    if second.poll() is None:
+        second.send_signal(signal.SIGTERM)
+    second.communicate(timeout=30)
+    assert "has already ended (done)" in json.loads(first_line)["message"], first_line
+    assert second.returncode in (1, 143)  # refused, or stopped by the SIGTERM while it exited
+    assert files_under(folder) == before  # results, state and events as they were
+    assert job_folder.read_state(folder)["state"] == "done"
+
+
+def test_two_workers_started_on_one_folder_run_the_job_once(tmp_path):
+    folder = write_tiny_job(tmp_path / "job", iterations=60)
+    workers = [subprocess.Popen([sys.executable, "-m", "pscv", "worker", str(folder)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=WORKER_ENV, text=True) for _ in range(2)]
+    outputs = [worker.communicate(timeout=120)[0] for worker in workers]
+    codes = sorted(worker.returncode for worker in workers)
+    assert codes == [0, 1], outputs
+    refused = outputs[[worker.returncode for worker in workers].index(1)]
+    assert "another worker is running this job" in refused or "has already ended" in refused, refused
+    recorded = [json.loads(line)["event"] for line in (folder / "events.jsonl").read_text().splitlines()]
+    assert recorded.count("done") == 1 and "error" not in recorded, recorded
+
+
+def test_a_worker_after_a_killed_one_ends_the_job_as_failed_and_removes_its_leftovers(tmp_path):
+    """kill -9 during a model save left `.result-model.partial-PID/`, and later runs did not remove it."""
+    folder = write_tiny_job(tmp_path / "job", **LONG)
+    worker = start_worker(folder)
+    read_events(worker, until=is_training)
+    worker.kill()
+    worker.wait()
+    leftover = folder / f".result-model.partial-{worker.pid}"  # what a kill during the model's save leaves
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half a model")
+    code, events, _ = run_worker(folder)
+    assert code == 1 and "its worker is gone" in events[-1]["message"], events
+    assert job_folder.read_state(folder)["state"] == "error"
+    assert results_left(folder) == []
 
 
 # Settings and memory errors become the job's error (issue 13) ----------------------------------------------

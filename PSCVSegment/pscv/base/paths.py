@@ -56,11 +56,11 @@ def check_output_file(path, what: str = "--out", inputs=(), suffixes=()) -> Path
     """A file to write: ending in one of `suffixes` (when given), not a folder, not one of `inputs`, in a
     writable place."""
     path = Path(path)
-    if suffixes and not path.name.lower().endswith(tuple(suffixes)):
-        raise PSCVError(f"{what} {path}: cannot write this format; use a name ending in {', '.join(suffixes)}")
     if path.is_dir():
         example = path / ("result" + (tuple(suffixes) or ("",))[0])
         raise PSCVError(f"{what} {path}: is a folder; give a file name, e.g. {example}")
+    if suffixes and not path.name.lower().endswith(tuple(suffixes)):
+        raise PSCVError(f"{what} {path}: cannot write this format; use a name ending in {', '.join(suffixes)}")
     _refuse_inputs(path, inputs, what)
     check_writable_place(path, what)
     return path

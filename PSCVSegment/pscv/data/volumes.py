@@ -136,10 +136,10 @@ def _check_header(reader, path: Path) -> None:
 
     dimension = reader.GetDimension()
     direction = np.reshape(reader.GetDirection(), (dimension, dimension))
-    if abs(np.linalg.det(direction)) < 1e-6 or not np.all(np.isfinite(direction)):
+    if not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction)) < 1e-6:
         rows = "; ".join(" ".join(f"{v:g}" for v in row) for row in direction)
         raise PSCVError(f"{path}: the image's axis directions are not independent (direction matrix {rows}: "
-                        "its determinant is 0); the header is damaged: fix its space directions (NRRD) or "
+                        "not invertible); the header is damaged: fix its space directions (NRRD) or "
                         "orientation (NIfTI) and read it again")
     if not all(s > 0 and np.isfinite(s) for s in reader.GetSpacing()):
         raise PSCVError(f"{path}: the header gives a voxel spacing of {list(reader.GetSpacing())}; spacings must be "
