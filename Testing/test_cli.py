@@ -272,8 +272,8 @@ def test_help_says_what_runs_by_default_budgets_defaults_and_what_predict_does(c
     assert "affinity" in top and "pseudo-labels" in top and "with the PSCV method" not in top
     _, text, _ = run(capsys, "segment", "--help")
     text = " ".join(text.split())
-    for budget in (CPU_BUDGET, GPU_BUDGET):
-        assert f"{budget['iterations']} iterations at {budget['image_size']} px" in text
+    assert f"{CPU_BUDGET['iterations']} iterations at {CPU_BUDGET['image_size']} px on a CPU" in text
+    assert f"{GPU_BUDGET['iterations']} at {GPU_BUDGET['image_size']} px on a GPU" in text
     assert "region around the organ clicks" in text
     _, text, _ = run(capsys, "predict", "--help")
     assert "Segment an image, or every image of a folder" in " ".join(text.split())

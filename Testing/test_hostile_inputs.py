@@ -67,11 +67,13 @@ def refused(capsys, root, *args, message: str) -> str:
 
 
 def segment(case, **replace) -> list:
-    """`pscv segment` on the tiny case, with some arguments replaced."""
+    """`pscv segment` on the tiny case, with some arguments replaced (with --save-model, the tiny network's
+    settings: they apply only to a network to keep)."""
     arguments = {"image": case["image"], "--points": case["points"], "--classes": case["classes"],
                  "--out": case["root"] / "out" / "result.seg.nrrd", **replace}
     image = arguments.pop("image")
-    return ["segment", image, *[item for pair in arguments.items() for item in pair if item is not None], *TINY]
+    network = TINY if arguments.get("--save-model") else ["--quiet"]
+    return ["segment", image, *[item for pair in arguments.items() for item in pair if item is not None], *network]
 
 
 # Tracebacks: markups, classes, settings, segmentations, outputs ---------------------------------------------
@@ -124,7 +126,7 @@ def test_classes_are_checked_before_training(capsys, case, no_training, change, 
     ("widths=[4,8,16]", "setting dropout: got [0.0, 0.0]; it takes a rate per width: 3 of them"),
 ])
 def test_bad_settings_name_the_key_what_it_got_and_what_it_takes(capsys, case, no_training, setting, message):
-    refused(capsys, case["root"], *segment(case), "--set", setting, message=message)
+    refused(capsys, case["root"], *segment(case), "--set", "dropout=[0,0]", "--set", setting, message=message)
 
 
 # Resources --------------------------------------------------------------------------------------------------
@@ -291,3 +293,22 @@ def test_sigterm_while_writing_leaves_no_partial_file(tmp_path):
     _, err = process.communicate(timeout=30)
     assert process.returncode == 143 and "stopped (SIGTERM)" in err and "Traceback" not in err, err
     assert list(out.iterdir()) == []
+
+
+def test_the_schema_covers_every_setting_and_refuses_no_valid_one():
+    """Every field of TrainSettings and CaseSettings has its entry in the one schema, the defaults pass it, and
+    the values the cohort recipes and the single-case mode use are taken."""
+    from dataclasses import fields
+
+    from pscv.learn.settings import CASE_SCHEMA, SCHEMA, TrainSettings, check_case_settings, check_settings
+    from pscv.learn.single_case import CaseSettings
+
+    assert {f.name for f in fields(TrainSettings)} == set(SCHEMA)
+    assert {f.name for f in fields(CaseSettings)} == set(CASE_SCHEMA)
+    assert check_settings(TrainSettings().to_dict()) and check_case_settings(CaseSettings().to_dict())
+    valid = {"optimizer": "adam", "precision": "bfloat16", "augment": "affine", "augment_rotation": 15.0,
+             "augment_scale": 0.2, "augment_intensity": 0.2, "crf_weight": 1e-3, "crf_radius": 5, "crf_sigma_xy": 6,
+             "crf_sigma_intensity": 0.1, "dmpls_weight": 0.5, "dmpls_dropout": 0.5, "method": "full",
+             "region_margin": 0.3, "walker_beta": 130.0, "walker_tolerance": 1e-4, "suggest": 5, "train_model": True}
+    assert check_case_settings(valid) == valid
+    assert TrainSettings.from_dict({k: v for k, v in valid.items() if k in SCHEMA}).optimizer == "adam"

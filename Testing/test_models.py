@@ -136,16 +136,3 @@ def test_a_model_too_large_for_the_memory_is_refused_before_it_is_built(tmp_path
     with pytest.raises(PSCVError, match="loading this model needs about 3.5 MiB of memory, more than the 1.0 MiB"):
         load_model(tmp_path / "m")
 
-
-def test_a_model_saved_by_segment_counts_the_users_clicks_and_records_its_region(tmp_path):
-    from conftest import TINY_SETTINGS
-
-    from pscv.learn.single_case import case_settings, segment_case
-
-    volume, labels = two_organ_volume(slices=3, size=32)
-    clicks = simulate_clicks(labels, 0)
-    _, model = segment_case(volume, clicks, CLASSES, case_settings(**{**TINY_SETTINGS, "widths": [4, 8]}))
-    save_model(model, tmp_path / "m")
-    card = json.loads((tmp_path / "m" / "model_card.json").read_text())
-    assert card["data"]["clicks"] == len(clicks) == 9
-    assert card["data"]["region"][0] == [0, 3] and card["method"] == "pce + affinity + pseudo-labels"

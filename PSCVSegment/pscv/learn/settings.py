@@ -281,7 +281,10 @@ def check_case_settings(data, where: str = "") -> dict:
         return check_settings(data, where)
     unknown = sorted(set(data) - set(SCHEMA) - set(CASE_SCHEMA), key=str)
     if unknown:
-        check_settings({key: data[key] for key in unknown}, where, {**CASE_SCHEMA, **SCHEMA})
+        hints = [f"{name!r} (did you mean {close[0]}?)" if close else repr(name) for name in unknown
+                 for close in [difflib.get_close_matches(str(name), [*CASE_SCHEMA, *SCHEMA], 1)]]
+        raise PSCVError(f"{where + ': ' if where else ''}unknown setting(s) {', '.join(hints)}; the segmentation's: "
+                        f"{', '.join(CASE_SCHEMA)}; the network's: {', '.join(SCHEMA)}")
     case = check_settings({k: v for k, v in data.items() if k in CASE_SCHEMA}, where, CASE_SCHEMA)
     return {**case, **check_settings({k: v for k, v in data.items() if k not in CASE_SCHEMA}, where)}
 

@@ -72,13 +72,10 @@ def split_settings(settings: dict) -> tuple[CaseSettings, dict]:
 def model_settings(device: str = "auto", refine: bool = False, **overrides) -> TrainSettings:
     """The network's settings for one case: the device's budget (shorter to refine), then the overrides."""
     from .devices import resolve_device
+    from .settings import check_case_settings
     from .training import TrainSettings
 
-    known = [f.name for f in fields(TrainSettings)]
-    unknown = sorted(set(overrides) - set(known))
-    if unknown:
-        raise PSCVError(f"unknown setting(s) {', '.join(unknown)}; the segmentation's: {', '.join(CASE_KEYS)}; the "
-                        f"network's: {', '.join(known)}")
+    check_case_settings(overrides)  # unknown names (the nearest of both schemas) and bad values, named
     budget = dict(CPU_BUDGET if resolve_device(device).type == "cpu" else GPU_BUDGET)
     if refine:
         budget["iterations"] = max(1, round(budget["iterations"] * REFINE_FRACTION))
