@@ -140,15 +140,17 @@ def tmpfs(path: Path, size="256k", full=False, read_only=False):
 # Command-line cases ------------------------------------------------------------------------------------------
 
 def segment(case: dict, out, *extra) -> list:
+    """`pscv segment` on the tiny case; with --save-model, the tiny network's settings."""
+    network = TINY if "--save-model" in extra else ["--quiet"]
     return ["segment", case["image"], "--points", case["points"], "--classes", case["classes"], "--out", out,
-            *TINY, *extra]
+            *network, *extra]
 
 
 def markups_case(root: Path, case: dict, name: str, text: str, message: str) -> None:
     path = root / "in" / f"{name}.mrk.json"
     path.write_text(text)
     refused(f"markups: {name}", root, ["segment", case["image"], "--points", path, "--classes", case["classes"],
-                                      "--out", root / "out.seg.nrrd", *TINY], message)
+                                      "--out", root / "out.seg.nrrd", "--quiet"], message)
 
 
 def command_line_cases(work: Path, model: Path) -> None:
@@ -178,15 +180,15 @@ def command_line_cases(work: Path, model: Path) -> None:
         **markup["markups"][0], "coordinateUnits": {}, "controlPoints": []}]}), "coordinateUnits")
     markups_case(root, case, "nested 100000 deep", "[" * 100_000 + "]" * 100_000, "nested too deeply")
     refused("--points names a folder", root, ["segment", case["image"], "--points", root / "in", "--classes",
-                                              case["classes"], "--out", root / "o.seg.nrrd", *TINY], "is a folder")
+                                              case["classes"], "--out", root / "o.seg.nrrd", "--quiet"], "is a folder")
     refused("--classes names a folder", root, ["segment", case["image"], "--points", case["points"], "--classes",
-                                               root / "in", "--out", root / "o.seg.nrrd", *TINY], "is a folder")
+                                               root / "in", "--out", root / "o.seg.nrrd", "--quiet"], "is a folder")
     document = json.loads(case["classes"].read_text())
     document["classes"][1]["terminology"] = "heart"
     (root / "in" / "heart.json").write_text(json.dumps(document))
     refused('classes: "terminology": "heart"', root, ["segment", case["image"], "--points", case["points"],
                                                       "--classes", root / "in" / "heart.json", "--out",
-                                                      root / "o.seg.nrrd", *TINY], "terminology")
+                                                      root / "o.seg.nrrd", "--quiet"], "terminology")
     for setting in ("image_size=abc", "iterations=2.5", "widths=[]", "normalization=5"):
         refused(f"--set {setting}", root, segment(case, root / "o.seg.nrrd", "--set", setting),
                 f"setting {setting.split('=')[0]}")
@@ -201,7 +203,7 @@ def command_line_cases(work: Path, model: Path) -> None:
     started = time.monotonic()
     refused("a 86-byte header claiming 20000x20000x5", root, ["segment", root / "in" / "huge.nrrd", "--points",
                                                               case["points"], "--classes", case["classes"], "--out",
-                                                              root / "o.seg.nrrd", *TINY], "the header says")
+                                                              root / "o.seg.nrrd", "--quiet"], "the header says")
     if RESULTS and RESULTS[-1]["case"].startswith("a 86-byte"):
         RESULTS[-1]["ok"] &= time.monotonic() - started < 20
     (root / "in" / "singular.nrrd").write_bytes(
@@ -209,7 +211,7 @@ def command_line_cases(work: Path, model: Path) -> None:
         b"space directions: (1,0,0) (1,0,0) (0,0,1)\nendian: little\nencoding: raw\n\n" + bytes(128))
     refused("a singular direction matrix", root, ["segment", root / "in" / "singular.nrrd", "--points",
                                                   case["points"], "--classes", case["classes"], "--out",
-                                                  root / "o.seg.nrrd", *TINY], "not independent")
+                                                  root / "o.seg.nrrd", "--quiet"], "not independent")
     segmentation_cases(root, case)
 
 
