@@ -130,7 +130,7 @@ def test_model_card_says_what_was_trained_on_what_where_and_how_well(one_and_two
     assert card["classes"] == [{"name": "background", "value": 0}, {"name": "organ", "value": 1}]
     assert card["method"] == "pscv" and card["settings"]["cv_gather"] is True and card["settings"]["batch_size"] == 2
     assert card["network"]["widths"] == [8, 16, 32]
-    assert card["data"] == {"cases": 1, "slices": 4, "clicks": 8, "region": None}  # both shards together
+    assert card["data"] == {"cases": 1, "slices": 4, "clicks": 8}  # both shards together
     assert card["training"]["processes"] == 2 and card["training"]["global_batch"] == 4
     assert cards["one"]["training"]["processes"] == 1 and cards["one"]["training"]["global_batch"] == 4
     assert card["training"]["device"] == "cpu" and card["training"]["seconds"] > 0

@@ -129,6 +129,11 @@ def test_bad_settings_name_the_key_what_it_got_and_what_it_takes(capsys, case, n
     refused(capsys, case["root"], *segment(case), "--set", "dropout=[0,0]", "--set", setting, message=message)
 
 
+def test_a_bad_normalization_is_named_without_a_network_too(capsys, case, no_training):
+    """The single-case mode normalises the image with it even when no network is trained."""
+    refused(capsys, case["root"], *segment(case), "--set", "normalization=5", message="setting normalization: got 5")
+
+
 # Resources --------------------------------------------------------------------------------------------------
 
 

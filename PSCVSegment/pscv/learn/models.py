@@ -99,7 +99,7 @@ def check_metadata(metadata, source: str) -> dict:
 
 def model_card(metadata: dict) -> dict:
     """The model card: classes, method (what the loss is made of, e.g. "pce + affinity + pseudo-labels") and
-    settings, the data it was trained on (cases, slices, clicks, and for `pscv segment` the region), where
+    settings, the data it was trained on (cases, slices, clicks), where
     and how long it trained, its validation Dice (when `pscv train --val` gave a validation set), engine
     version and date. Built from the model's metadata; what a model does not record is null."""
     training = metadata.get("training") or {}
@@ -113,7 +113,7 @@ def model_card(metadata: dict) -> dict:
         "settings": metadata.get("settings"),
         "network": metadata.get("network"),
         "normalization": metadata.get("normalization"),
-        "data": {key: training.get(key) for key in ("cases", "slices", "clicks", "region")},
+        "data": {key: training.get(key) for key in ("cases", "slices", "clicks")},
         "training": {key: training.get(key) for key in ("device", "device_name", "processes", "global_batch",
                                                          "seconds", "images_per_second", "resumed_from_step")},
         "validation": metadata.get("validation"),

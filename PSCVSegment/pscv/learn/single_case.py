@@ -64,9 +64,12 @@ CASE_KEYS = tuple(f.name for f in fields(CaseSettings))
 
 
 def split_settings(settings: dict) -> tuple[CaseSettings, dict]:
-    """Job or command-line settings -> (the segmentation's CaseSettings, the rest: the network's settings)."""
+    """Job or command-line settings -> (the segmentation's CaseSettings, the rest: the network's settings), each
+    checked against its schema (`learn.settings`: the normalisation is used even without a network)."""
+    from .settings import check_case_settings
+
     case = {k: v for k, v in settings.items() if k in CASE_KEYS}
-    return CaseSettings(**case), {k: v for k, v in settings.items() if k not in CASE_KEYS}
+    return CaseSettings(**case), check_case_settings({k: v for k, v in settings.items() if k not in CASE_KEYS})
 
 
 def model_settings(device: str = "auto", refine: bool = False, **overrides) -> TrainSettings:
