@@ -80,39 +80,31 @@ def _remove_empty(folders: list[Path]) -> None:
             folder.rmdir()
 
 
-@contextlib.contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; on success rename it to `path`, on failure remove it (and the
     folders made for it)."""
-    path = Path(path)
-    made = _make_parents(path)
-    remove_stale_partials(path)
-    temporary = _temporary_name(path)
-    done = False
-    try:
-        yield temporary
-        os.replace(temporary, path)
-        done = True
-    finally:
-        if not done:
-            remove_quietly(temporary)
-            _remove_empty(made)
+    return _atomic(path, folder=False)
 
 
-@contextlib.contextmanager
 def atomic_folder(path: str | Path):
     """Yield a new empty temporary folder beside `path`; on success it replaces `path` (a folder that was there
     is removed), on failure it is removed, with the folders made for it."""
+    return _atomic(path, folder=True)
+
+
+@contextlib.contextmanager
+def _atomic(path: str | Path, folder: bool):
     path = Path(path)
     made = _make_parents(path)
     remove_stale_partials(path)
-    temporary = _temporary_name(path, suffixes=False)
+    temporary = _temporary_name(path, suffixes=not folder)
     done = False
     try:
-        remove_quietly(temporary)
-        temporary.mkdir()
+        if folder:
+            remove_quietly(temporary)
+            temporary.mkdir()
         yield temporary
-        if path.is_dir() and not path.is_symlink():
+        if folder and path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(temporary, path)
         done = True
