@@ -81,6 +81,26 @@ def simulate_clicks(labels: np.ndarray, seed: int, slice_axis: int = 0, ignore: 
     return Clicks(np.array(kji, dtype=np.int64).reshape(-1, 3), np.array(values, dtype=np.int64))
 
 
+def grown_box(low, high, shape, slice_axis: int, margin: float) -> tuple[slice, slice, slice]:
+    """Every slice along `slice_axis`; in plane, the box [low, high) (per axis of `shape`, array order) grown by
+    `margin` times its size on each side (at least 8 voxels) and clipped to the image."""
+    region = [slice(0, n) for n in shape]
+    for axis in range(3):
+        if axis != slice_axis:
+            grow = max(8, int(np.ceil(margin * (high[axis] - low[axis]))))
+            region[axis] = slice(max(0, int(low[axis]) - grow), min(shape[axis], int(high[axis]) + grow))
+    return tuple(region)
+
+
+def click_region(clicks: Clicks, volume: Volume, margin: float) -> tuple[slice, slice, slice]:
+    """The region of the volume around the organ clicks: their in-plane bounding box grown by `margin` times
+    its size on each side (at least 8 voxels), all slices; the whole volume when no organ is clicked."""
+    organ = clicks.kji[clicks.values != 0]
+    if not len(organ):
+        return tuple(slice(0, n) for n in volume.shape)
+    return grown_box(organ.min(axis=0), organ.max(axis=0) + 1, volume.shape, volume.slice_axis(), margin)
+
+
 def case_seed(seed: int, case: str) -> int:
     """A per-case seed for simulated clicks that does not depend on which other cases are converted."""
     return seed * 1_000_003 + zlib.crc32(case.encode())

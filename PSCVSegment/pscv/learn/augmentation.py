@@ -53,10 +53,11 @@ def move_clicks(sparse: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     return moved
 
 
-def affine_batch(images, sparse, dense, generator: torch.Generator, rotation: float = 20.0, scale: float = 0.1,
+def affine_batch(images, sparse, masks: list, generator: torch.Generator, rotation: float = 20.0, scale: float = 0.1,
                  intensity: float = 0.1, aligned: bool = False) -> tuple:
     """Per image (one for the batch with `aligned`): rotation uniform in +-`rotation` degrees, zoom uniform
-    in 1 +- `scale`, contrast 1 +- `intensity` and brightness +- `intensity`. Returns (images, sparse, dense)."""
+    in 1 +- `scale`, contrast 1 +- `intensity` and brightness +- `intensity`. `masks`: dense labels and other
+    per-pixel maps (B, S, S) or None, resampled by nearest neighbour (0 outside). Returns (images, sparse, masks)."""
     batch, _, height, width = images.shape
     draws = 1 if aligned else batch
     angle = _uniform(draws, math.radians(rotation), generator).expand(batch)
@@ -72,8 +73,8 @@ def affine_batch(images, sparse, dense, generator: torch.Generator, rotation: fl
     grid = F.affine_grid(theta.to(images.device, torch.float32), list(images.shape), align_corners=False)
     images = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     images = images * contrast.to(images)[:, None, None, None] + brightness.to(images)[:, None, None, None]
-    if dense is not None:
-        dense = F.grid_sample(dense[:, None].float(), grid, mode="nearest", padding_mode="zeros",
-                              align_corners=False)[:, 0].to(dense.dtype)
+    masks = [None if mask is None else F.grid_sample(mask[:, None].float(), grid, mode="nearest", padding_mode="zeros",
+                                                     align_corners=False)[:, 0].to(mask.dtype) for mask in masks]
     sparse = move_clicks(sparse, forward.to(sparse.device))
-    return images, sparse, dense
+    return images, sparse, masks
+

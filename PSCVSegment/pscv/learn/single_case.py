@@ -21,7 +21,7 @@ from scipy import ndimage
 from .. import PSCVError
 from ..base.progress import Reporter
 from ..data.classes import ClassInfo
-from ..data.clicks import Clicks
+from ..data.clicks import Clicks, click_region
 from ..data.dataset import Case
 from ..data.intensity import DEFAULT_NORMALIZATION, normalize
 from ..data.volumes import Volume
@@ -90,22 +90,6 @@ class CaseResult:
     labelmap: np.ndarray  # [k, j, i] class values, the whole image
     probabilities: np.ndarray  # (classes, *region shape) float32: each class's probability inside the region
     region: tuple  # the region (slices of [k, j, i]) the probabilities cover
-
-
-def click_region(clicks: Clicks, volume: Volume, margin: float) -> tuple[slice, slice, slice]:
-    """The region of the volume around the organ clicks: their in-plane bounding box grown by `margin` times
-    its size on each side (at least 8 voxels), all slices; the whole volume when no organ is clicked."""
-    region = [slice(0, n) for n in volume.shape]
-    organ = clicks.kji[clicks.values != 0]
-    if not len(organ):
-        return tuple(region)
-    for axis in range(3):
-        if axis == volume.slice_axis():
-            continue
-        low, high = organ[:, axis].min(), organ[:, axis].max() + 1
-        grow = max(8, int(np.ceil(margin * (high - low))))
-        region[axis] = slice(max(0, low - grow), min(volume.shape[axis], high + grow))
-    return tuple(region)
 
 
 def region_seeds(clicks: Clicks, classes: list[ClassInfo], region, shape, slice_axis: int) -> np.ndarray:
