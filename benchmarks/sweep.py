@@ -60,6 +60,10 @@ def run_one(config: dict, args) -> dict:
         if not args.train_dataset:
             train_cases = load_cases(Path(args.data), "train", 0)
         model = train(train_cases, classes, TrainSettings.from_dict(settings), progress)
+        if args.save_models:
+            from pscv.learn.models import save_model
+
+            save_model(model, Path(args.save_models) / f"{config['name']}-seed{settings.get('seed', 0)}")
         result = evaluate_cases(model, val_cases, args.device)
         scores = result["scores"]
     else:
@@ -101,6 +105,7 @@ def main():
                         "then stop: a queue that a loop calls again picks up edits to CONFIGS.json")
     parser.add_argument("--base", default="{}", help="JSON settings under every config's own")
     parser.add_argument("--force", default="{}", help="JSON settings over every config's own (for dry runs)")
+    parser.add_argument("--save-models", metavar="DIR", help="keep each cohort run's model in DIR/NAME-seedS")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config given as JSON
     args = parser.parse_args()
     if args.one:
@@ -132,7 +137,8 @@ def main():
             if args.train_dataset else []
         command = [sys.executable, __file__, args.configs, "--one", json.dumps(config), "--mode", args.mode,
                    "--device", args.device, "--data", args.data, *datasets,
-                   "--threads", str(args.threads), "--single-cases", str(args.single_cases)]
+                   "--threads", str(args.threads), "--single-cases", str(args.single_cases),
+                   *(["--save-models", str(Path(args.save_models).resolve())] if args.save_models else [])]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         log = out / "logs" / f"{config['name']}-seed{config['settings']['seed']}.log"
         log.parent.mkdir(exist_ok=True)
