@@ -63,8 +63,9 @@ class PSCVSegment(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["PSCVSegment contributors"]
         self.parent.helpText = """
-Segment organs from a few clicks: a 2D U-Net is trained on this volume from your points with the
-point-supervised contrastive variance (PSCV) method, in a background process, then segments the whole volume.
+Segment organs from a few clicks: in a background process your points spread through the whole volume (a random
+walker in the region around the organ points); a cohort of clicked volumes trains a 2D U-Net from the points alone
+(point-supervised losses), which then segments the next volume.
 <ol>
 <li>Pick the <b>input volume</b> (or <b>Load sample data</b>).</li>
 <li><b>Add class</b>: the first class is the background, then one per organ. Rename and recolor them in the table.</li>
@@ -82,8 +83,9 @@ environment with torch and CUDA.
 """
         self.parent.acknowledgementText = """
 PSCV method: Qing En and Yuhong Guo, "Annotation by Clicks: A Point-Supervised Contrastive Variance Method for
-Medical Semantic Segmentation", BMVC 2024 (arXiv:2212.08774). The engine's defaults follow the paper's ACDC
-recipe; ACDC: O. Bernard et al., "Deep Learning Techniques for Automatic MRI Cardiac Multi-Structures
+Medical Semantic Segmentation", BMVC 2024 (arXiv:2212.08774); its loss is the engine's method pscv, and the
+default recipe is the one measured best on ACDC and a second cardiac cohort (the project's BENCHMARKS.md).
+ACDC: O. Bernard et al., "Deep Learning Techniques for Automatic MRI Cardiac Multi-Structures
 Segmentation and Diagnosis: Is the Problem Solved?", IEEE Transactions on Medical Imaging 37(11), 2018.
 Built with the 3D Slicer scripted module template; background processing follows SlicerMONAIAuto3DSeg and
 SlicerTotalSegmentator.

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from pscv.learn.losses import (
     IGNORE,
+    background_cross_entropy,
     class_means,
     contrastive_variance,
     dense_cross_entropy,
@@ -194,3 +195,15 @@ def test_dice_to_labels_and_mixed_pseudo_labels():
     main = torch.tensor([[[[0.9]], [[0.1]]]])
     auxiliary = torch.tensor([[[[0.2]], [[0.8]]]])
     assert mixed_pseudo_labels(main, auxiliary, 0.9).item() == 0 and mixed_pseudo_labels(main, auxiliary, 0.1) == 1
+
+
+def test_background_cross_entropy_counts_only_the_pixels_given():
+    logits = torch.zeros(1, 3, 2, 2)
+    logits[0, 1, 0, 0] = 10.0  # sure of class 1 where the mask says nothing: must not count
+    where = torch.zeros(1, 2, 2, dtype=torch.bool)
+    where[0, 1, :] = True
+    assert background_cross_entropy(logits, where).item() == pytest.approx(math.log(3))
+    logits[0, 0, 1, :] = 10.0  # sure of background where the mask holds: almost no loss
+    assert background_cross_entropy(logits, where).item() < 1e-3
+    empty = background_cross_entropy(logits.requires_grad_(), torch.zeros_like(where))
+    assert empty.item() == 0.0 and empty.requires_grad

@@ -10,12 +10,14 @@ from pscv.data.clicks import Clicks, simulate_clicks
 from pscv.data.dataset import Case
 from pscv.data.metrics import dice
 from pscv.learn.inference import predict_volume, slice_probabilities
+from pscv.learn.pieces import keep_largest_pieces
 from pscv.learn.training import TrainSettings, case_tensors, scale_coordinates, train
 
 torch.set_num_threads(2)
-# The loss mechanics alone: the affinity and pseudo-label terms (on by default) are tested on their own below.
+# The loss mechanics alone, with SGD: the default recipe's extra terms (affinity, pseudo-labels, outside, gated CRF)
+# and its largest-piece step are tested on their own below.
 TINY = {"image_size": 32, "batch_size": 4, "device": "cpu", "widths": (8, 16, 32, 64, 128), "affinity_weight": 0.0,
-        "pseudo_weight": 0.0}
+        "pseudo_weight": 0.0, "outside_weight": 0.0, "crf_weight": 0.0, "largest_piece": False, "optimizer": "sgd"}
 
 
 def test_simulated_clicks_one_per_present_class_per_slice_inside_it():
@@ -55,6 +57,21 @@ def test_training_tensors_keep_every_click_and_only_clicked_slices():
     assert tensors.present.all()
 
 
+def test_outside_the_click_region_is_background_to_learn():
+    volume, labels = two_organ_volume(slices=4, size=64)
+    organs = np.array([[0, 10, 12], [3, 20, 30]])  # the organ clicks' box: rows 10-20, columns 12-30
+    clicks = Clicks(np.vstack([organs, [[1, 60, 60]]]), np.array([1, 2, 0]))
+    settings = TrainSettings(**{**TINY, "image_size": 64, "outside_weight": 1.0, "outside_margin": 0.5})
+    outside = case_tensors(Case(volume, clicks), CLASSES, settings).outside
+    assert outside.shape == (3, 64, 64)  # the clicked slices, 0, 1 and 3
+    # grown by max(8, half the box) on each side: rows 2-28, columns 2-40 are the region, on every slice
+    assert not outside[:, 2:29, 2:41].any() and outside[:, 29:, :].all() and outside[:, :, 41:].all()
+    assert outside[:, :2].all() and outside[:, :, :2].all()
+    assert case_tensors(Case(volume, clicks), CLASSES, TrainSettings(**TINY)).outside is None  # off by default
+    history = train([Case(volume, clicks)], CLASSES, TrainSettings(**{**settings.to_dict(), "iterations": 3}))
+    assert history.metadata["history"][0]["outside"] > 0
+
+
 @pytest.mark.parametrize("method", ["pce", "pscv", "ms", "full"])
 def test_tiny_end_to_end_train_and_predict(method):
     volume, labels = two_organ_volume()
@@ -69,6 +86,20 @@ def test_tiny_end_to_end_train_and_predict(method):
     probabilities = torch.cat([p for _, p in slice_probabilities(model, volume, "cpu")], dim=1)
     assert probabilities.shape == (3, *np.moveaxis(labels, volume.slice_axis(), 0).shape)
     assert torch.allclose(probabilities.sum(dim=0), torch.ones(()), atol=1e-4)
+
+
+def test_default_recipe_trains_and_keeps_each_organs_largest_piece():
+    volume, labels = two_organ_volume()
+    case = Case(volume, simulate_clicks(labels, seed=0), labels, "synthetic")
+    tiny = {k: v for k, v in TINY.items() if k in ("image_size", "batch_size", "device", "widths")}
+    model = train([case], CLASSES, TrainSettings(iterations=60, learning_rate=0.003, **tiny))
+    history = model.metadata["history"]
+    assert {"pce", "outside", "crf", "affinity"} <= set(history[0]) and "pseudo" in history[-1]
+    assert model.metadata["one_piece_classes"] == [1, 2]  # each organ's clicks lie in one piece of its prediction
+    prediction = predict_volume(model, volume, "cpu")
+    probabilities = torch.cat([p for _, p in slice_probabilities(model, volume, "cpu")], dim=1)
+    argmax = np.moveaxis(np.array([0, 1, 2])[probabilities.argmax(dim=0).numpy()], 0, volume.slice_axis())
+    assert np.array_equal(prediction, keep_largest_pieces(argmax, [1, 2]))
 
 
 def test_affinity_and_pseudo_label_terms_train_and_report():
@@ -92,7 +123,7 @@ def test_affine_augmentation_moves_clicks_with_the_image_and_keeps_orientation()
     rows, cols = torch.randint(12, 36, (2, 6, 30), generator=generator)
     for b in range(6):
         sparse[b, rows[b], cols[b]] = dense[b, rows[b], cols[b]]
-    images, moved, warped = affine_batch(dense[:, None].float(), sparse, dense, generator, intensity=0.0)
+    images, moved, (warped,) = affine_batch(dense[:, None].float(), sparse, [dense], generator, intensity=0.0)
     clicked = moved != 255
     assert clicked.sum() == (sparse != 255).sum()  # clicks away from the border all stay
     # each click still lies in its class (up to a pixel of rounding at the edges), the image moved alike
@@ -101,7 +132,7 @@ def test_affine_augmentation_moves_clicks_with_the_image_and_keeps_orientation()
     for b in range(6):  # a rotation of at most 20 degrees: organ 1 stays left of and above organ 2
         first, second = torch.nonzero(warped[b] == 1).float().mean(0), torch.nonzero(warped[b] == 2).float().mean(0)
         assert first[0] < second[0] and first[1] < second[1]
-    _, _, same = affine_batch(dense[:, None].float(), sparse, dense, generator, aligned=True)
+    _, _, (same,) = affine_batch(dense[:, None].float(), sparse, [dense], generator, aligned=True)
     assert all(torch.equal(same[0], same[b]) for b in range(6))  # one transform for the whole batch
 
 

@@ -161,9 +161,12 @@ def _add_training_options(parser, methods=True):
         group.add_argument("--method", choices=["pce", "pscv", "ms", "full"], default=None,
                            help="the base loss: pce = partial cross-entropy on the clicks (default); pscv = pCE + "
                            "contrastive variance (the paper's term, as reconstructed); ms = pCE + Mumford-Shah; "
-                           "full = dense labels (upper bound). A CRF-like affinity and EMA pseudo-labels are added "
-                           "to every point-supervised method by default (--set affinity_weight=0 pseudo_weight=0 "
-                           "to leave them out): they measured best on ACDC (BENCHMARKS.md)")
+                           "full = dense labels (upper bound). Every point-supervised method adds by default: "
+                           "background outside the box around each case's organ clicks (outside_weight), the gated "
+                           "CRF (crf_weight), a CRF-like affinity (affinity_weight) and EMA pseudo-labels "
+                           "(pseudo_weight); Adam, no augmentation; and each organ found to be one piece keeps its "
+                           "largest piece (largest_piece). --set NAME=0 (or false) leaves one out. This measured "
+                           "best on ACDC and held on a second cohort (BENCHMARKS.md)")
     group.add_argument("--iterations", type=int, help="training iterations (default: depends on the command)")
     group.add_argument("--image-size", type=int, help="slices are resized to this square size (multiple of 16)")
     group.add_argument("--batch-size", type=int, help="slices per training batch")
@@ -779,6 +782,8 @@ def _run_prepare_acdc(args):
 
 
 def _add_bench(subparsers):
+    from .learn.budgets import COHORT_CPU_BUDGET, COHORT_GPU_BUDGET, describe
+
     parser = subparsers.add_parser(
         "bench", help="benchmarks: the recipes on ACDC or on any two dataset folders; the interactive session vs "
         "Grow from seeds",
@@ -794,8 +799,8 @@ def _add_bench(subparsers):
         "file and a picture to --out.")
     parser.add_argument("dataset", choices=["acdc", "interactive", "cohort"], help="the benchmark")
     parser.add_argument("--profile", choices=["quick", "paper"], default="quick",
-                        help="quick: 128 px, 1000 iterations, batch 12, for 2 CPU cores; paper: 256 px, 30000 "
-                        "iterations, batch 12, for a GPU")
+                        help=f"quick: {describe(COHORT_CPU_BUDGET)}, pscv train's CPU budget; paper: "
+                        f"{describe(COHORT_GPU_BUDGET)}, its GPU budget")
     parser.add_argument("--data", default=ACDC_DATA, help="acdc, interactive: the ACDC folder (volumes/, "
                         "*_patients.txt); interactive also takes a dataset folder with labels/ (pscv prepare) "
                         "(default: %(default)s)")
@@ -810,10 +815,10 @@ def _add_bench(subparsers):
     parser.add_argument("--out", help="folder for the results (default runs/bench-acdc, runs/bench-interactive or "
                         "runs/bench-cohort)")
     parser.add_argument("--methods", help="comma-separated recipes to train: default (what pscv train does), "
-                        "pce, ms, pscv (plain losses), pce+aff+pl (the earlier default: pCE + affinity + "
-                        "pseudo-labels), pscv+aff+pl, pscv+default, full; or none (the report of what --out already "
-                        "holds). Default: pce,ms,pscv,pce+aff+pl,default,full for acdc, pce,pscv,default,full for "
-                        "cohort. interactive: pscv, grow_from_seeds, pscv_strokes, pscv_suggested (default: all)")
+                        "pce, ms, pscv (plain losses), pce+aff+pl (pCE + affinity + pseudo-labels), "
+                        "pscv+aff+pl, pscv+default, full; or none (the report of what --out already holds). "
+                        "Default: pce,ms,pscv,pce+aff+pl,default,full for acdc, pce,pscv,default,full for cohort. "
+                        "interactive: pscv, grow_from_seeds, pscv_strokes, pscv_suggested (default: all)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     parser.add_argument("--seed", type=int, default=0, help="training seed (acdc: also the clicks' seed)")
     parser.add_argument("--iterations", type=int, help="override the profile's iterations")

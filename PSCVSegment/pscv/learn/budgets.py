@@ -8,7 +8,7 @@ many more iterations (the cohort's: the paper profile). BENCHMARKS.md has the me
 from __future__ import annotations
 
 # `pscv train` and train jobs (`training.cohort_settings`).
-COHORT_CPU_BUDGET = {"iterations": 1000, "image_size": 128, "batch_size": 12}
+COHORT_CPU_BUDGET = {"iterations": 1500, "image_size": 128, "batch_size": 8}
 COHORT_GPU_BUDGET = {"iterations": 30000, "image_size": 256, "batch_size": 12}
 # The network `pscv segment --save-model` trains (`single_case.model_settings`): about a minute on 2 CPU cores for
 # a 10-slice 256x216 volume.

@@ -20,6 +20,7 @@ from ..data.intensity import normalize
 from ..data.volumes import Volume
 from .devices import resolve_device
 from .models import Model
+from .pieces import keep_largest_pieces
 
 
 @torch.no_grad()
@@ -60,14 +61,15 @@ def inference_bytes(model: Model, volume: Volume, batch_size: int) -> float:
 
 def predict_volume(model: Model, volume: Volume, device="auto", batch_size: int = 16, progress=None,
                    should_stop=None) -> np.ndarray:
-    """Label map `[k, j, i]` of class label values (uint8, or uint16 for values above 255)."""
+    """Label map `[k, j, i]` of class label values (uint8, or uint16 for values above 255); the classes the model
+    found to be one piece keep their largest piece (`learn.pieces`)."""
     values = np.array([c.value for c in model.classes])
     values = values.astype(np.uint8 if values.max() <= 255 else np.uint16)
     axis = volume.slice_axis()
     output = np.moveaxis(np.empty(volume.shape, dtype=values.dtype), axis, 0)  # a view: writes land in order
     for start, probabilities in slice_probabilities(model, volume, device, batch_size, progress, should_stop):
         output[start:start + probabilities.shape[1]] = values[probabilities.argmax(dim=0).cpu().numpy()]
-    return np.moveaxis(output, 0, axis)
+    return keep_largest_pieces(np.moveaxis(output, 0, axis), model.metadata.get("one_piece_classes", []))
 
 
 def evaluate_cases(model: Model, cases, device="auto", progress=None) -> dict:

@@ -29,6 +29,15 @@ def partial_cross_entropy(logits: torch.Tensor, sparse_target: torch.Tensor) -> 
     return (sums[present] / counts[present]).mean()
 
 
+def background_cross_entropy(logits: torch.Tensor, where: torch.Tensor, background: int = 0) -> torch.Tensor:
+    """Cross-entropy to the background class (index `background`) over the pixels `where` (B, H, W) bool holds,
+    their mean; 0 when it holds none."""
+    if not where.any():
+        return logits.sum() * 0.0
+    target = torch.where(where, background, IGNORE).long()
+    return F.cross_entropy(logits.float(), target, ignore_index=IGNORE)
+
+
 def dense_cross_entropy(logits: torch.Tensor, dense_target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy + soft Dice on every pixel: the fully supervised upper bound (the WSL4MIS recipe)."""
     probabilities = logits.float().softmax(dim=1)

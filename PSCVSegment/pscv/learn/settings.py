@@ -29,8 +29,8 @@ class TrainSettings:
     iterations: int = 30000
     batch_size: int = 12
     image_size: int = 256  # slices are resized to image_size x image_size (a multiple of 16)
-    learning_rate: float = 0.01  # the first step's; poly decay (power 0.9) to 0 at the last iteration
-    optimizer: str = "sgd"  # sgd (momentum, the WSL4MIS recipe) | adam (betas 0.9, 0.999)
+    learning_rate: float = 0.001  # the first step's; poly decay (power 0.9) to 0 at the last iteration
+    optimizer: str = "adam"  # adam (betas 0.9, 0.999) | sgd (momentum; the WSL4MIS recipe, with learning_rate 0.01)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     seed: int = 0
@@ -38,7 +38,7 @@ class TrainSettings:
     # bfloat16 autocast: auto = on CUDA and on CPUs that compute bfloat16 natively (AVX512-BF16, AMX), where it
     # about halves the time of a step; float32 elsewhere (devices.uses_bfloat16)
     precision: str = "auto"  # auto | float32 | bfloat16
-    augment: str = "flip"  # none | flip (random flips and 90-degree turns, one for the whole batch) | affine (below)
+    augment: str = "none"  # none | flip (random flips and 90-degree turns, one for the whole batch) | affine (below)
     # augment=affine: each image its own rotation, scale and intensity change (one for the whole batch with the
     # pscv method, whose contrastive term compares aligned images); no flip, no 90-degree turn (laterality kept)
     augment_rotation: float = 20.0  # degrees, drawn uniformly in +-this
@@ -60,8 +60,15 @@ class TrainSettings:
     pseudo_threshold: float = 0.9
     pseudo_start: float = 0.3  # fraction of the iterations before pseudo-labels start
     ema_decay: float = 0.99
+    # Background outside the region around a case's organ clicks (their in-plane box over all slices, grown by
+    # outside_margin times its size on each side, at least 8 voxels): cross-entropy to background there (0 = off)
+    outside_weight: float = 1.0
+    outside_margin: float = 0.5
+    # Predictions keep only the largest connected piece of each class that is one piece (learn.pieces: its clicks on
+    # the training cases lay in one piece of the trained network's prediction, checked on up to 20 cases)
+    largest_piece: bool = True
     # The gated CRF loss as WSL4MIS trains ACDC with it (losses.gated_crf; 0 = off):
-    crf_weight: float = 0.0
+    crf_weight: float = 0.1
     crf_radius: int = 5  # pixels of the network's input
     crf_sigma_xy: float = 6.0  # pixels
     crf_sigma_intensity: float = 0.1  # normalised units
@@ -92,12 +99,14 @@ class TrainSettings:
 
 
 def describe_method(settings: dict) -> str:
-    """What a run's loss is made of, e.g. "pce + affinity + pseudo-labels" (the default), "pscv" or "full"."""
+    """What a run's loss is made of, e.g. "pce + outside + gated CRF + affinity + pseudo-labels" (the default),
+    "pscv" or "full"."""
     method = settings.get("method", TrainSettings.method)
     if method == "full":
         return method
-    extra = [name for name, key in (("affinity", "affinity_weight"), ("pseudo-labels", "pseudo_weight"))
-             if settings.get(key, getattr(TrainSettings, key))]
+    terms = (("outside", "outside_weight"), ("gated CRF", "crf_weight"), ("affinity", "affinity_weight"),
+             ("pseudo-labels", "pseudo_weight"), ("DMPLS", "dmpls_weight"))
+    extra = [name for name, key in terms if settings.get(key, getattr(TrainSettings, key))]
     return " + ".join([method, *extra])
 
 
@@ -176,6 +185,9 @@ SCHEMA = {
     "pseudo_threshold": _number(0, 1),
     "pseudo_start": _number(0, 1),
     "ema_decay": _number(0, 1),
+    "outside_weight": _number(0, 1000),
+    "outside_margin": _number(0, 100),
+    "largest_piece": Setting("bool"),
     "crf_weight": _number(0, 1000),
     "crf_radius": _integer(1, 100),
     "crf_sigma_xy": _number(0, 1000, low_open=True),

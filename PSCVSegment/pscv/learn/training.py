@@ -35,6 +35,7 @@ from .. import PSCVError
 from ..base.progress import Cancelled, Reporter
 from ..base.resources import check_memory
 from ..data.classes import ClassInfo
+from ..data.clicks import click_region
 from ..data.dataset import Case
 from ..data.intensity import normalize
 from . import checkpoints, distributed
@@ -44,6 +45,7 @@ from .devices import resolve_device, uses_bfloat16
 from .distributed import gather_batch
 from .losses import (
     IGNORE,
+    background_cross_entropy,
     contrastive_variance,
     dense_cross_entropy,
     dice_to_labels,
@@ -56,6 +58,7 @@ from .losses import (
     variance_maps,
 )
 from .models import Model, build_metadata, build_network, network_bytes
+from .pieces import one_piece_classes
 from .settings import METHODS, TrainSettings  # noqa: F401 (the settings are part of what training offers)
 
 
@@ -76,6 +79,7 @@ class TrainingTensors:
     sparse: torch.Tensor  # (N, S, S) uint8 class indices, IGNORE where unclicked
     dense: torch.Tensor | None  # (N, S, S) uint8 class indices
     present: torch.Tensor  # (N, K) bool: classes clicked (or labelled) in each slice
+    outside: torch.Tensor | None = None  # (N, S, S) bool: outside the case's click region (background)
 
 
 def resize_slices(slices: np.ndarray, size: int) -> torch.Tensor:
@@ -93,7 +97,14 @@ def case_tensors(case: Case, classes: list[ClassInfo], settings: TrainSettings) 
     """The training slices of one case: slices with clicks (or every slice with labels for `full`)."""
     index_of = {c.value: n for n, c in enumerate(classes)}
     axis = case.image.slice_axis()
-    image = np.moveaxis(normalize(case.image.array, settings.normalization), axis, 0)
+    labels = case.labels if settings.method == "full" else None
+    if settings.method == "full" and labels is None:
+        raise PSCVError(f"{case.name or 'case'}: method 'full' needs dense labels for every case")
+
+    def slices(array):  # slice axis first
+        return np.moveaxis(array, axis, 0)
+
+    image = slices(normalize(case.image.array, settings.normalization))
     count, height, width = image.shape
     size = settings.image_size
     sparse = np.full((count, size, size), IGNORE, dtype=np.uint8)
@@ -102,33 +113,36 @@ def case_tensors(case: Case, classes: list[ClassInfo], settings: TrainSettings) 
         unknown = sorted(set(case.clicks.values.tolist()) - set(index_of))
         if unknown:
             raise PSCVError(f"{case.name or 'case'}: clicks with label values {unknown} that no class has")
-        kji = case.clicks.kji
+        kji, values = case.clicks.kji, case.clicks.values
         slice_index = kji[:, axis]
         rows, cols = (kji[:, a] for a in range(3) if a != axis)
-        class_index = np.array([index_of[v] for v in case.clicks.values.tolist()], dtype=np.uint8)
+        class_index = np.array([index_of[v] for v in values.tolist()], dtype=np.uint8)
         sparse[slice_index, scale_coordinates(rows, height, size), scale_coordinates(cols, width, size)] = class_index
         present[slice_index, class_index] = True
     dense = None
-    if settings.method == "full":
-        if case.labels is None:
-            raise PSCVError(f"{case.name or 'case'}: method 'full' needs dense labels for every case")
-        lookup = np.zeros(int(case.labels.max()) + 1, dtype=np.uint8)
+    if labels is not None:
+        lookup = np.zeros(int(labels.max()) + 1, dtype=np.uint8)
         for value, n in index_of.items():
             if value < len(lookup):
                 lookup[value] = n
-        labels = np.moveaxis(lookup[case.labels], axis, 0)
-        dense_t = F.interpolate(torch.from_numpy(labels[:, None].astype(np.float32)), size=(size, size),
-                                mode="nearest-exact")[:, 0].to(torch.uint8)
-        dense = dense_t
+        dense = F.interpolate(torch.from_numpy(slices(lookup[labels])[:, None].astype(np.float32)),
+                              size=(size, size), mode="nearest-exact")[:, 0].to(torch.uint8)
         keep = np.ones(count, dtype=bool)
-        present = F.one_hot(dense_t.long().flatten(1), len(classes)).amax(dim=1).bool().numpy()
+        present = F.one_hot(dense.long().flatten(1), len(classes)).amax(dim=1).bool().numpy()
     else:
         keep = present.any(axis=1)
+    outside = None
+    if settings.outside_weight and labels is None and case.clicks is not None and keep.any():
+        inside = np.zeros(case.image.shape, dtype=np.float32)
+        inside[click_region(case.clicks, case.image, settings.outside_margin)] = 1
+        outside = resize_slices(slices(inside)[keep], size)[:, 0] < 0.5
+    kept = torch.from_numpy(keep)
     return TrainingTensors(
         images=resize_slices(image[keep], size),
         sparse=torch.from_numpy(sparse[keep]),
-        dense=None if dense is None else dense[torch.from_numpy(keep)],
+        dense=None if dense is None else dense[kept],
         present=torch.from_numpy(present[keep]),
+        outside=outside,
     )
 
 
@@ -137,10 +151,23 @@ def slices_on_device(data: TrainingTensors, index: torch.Tensor | None, device) 
     def take(tensor):
         return None if tensor is None else (tensor if index is None else tensor[index]).to(device)
 
-    return TrainingTensors(take(data.images), take(data.sparse), take(data.dense), take(data.present))
+    return TrainingTensors(take(data.images), take(data.sparse), take(data.dense), take(data.present),
+                           take(data.outside))
+
+
+def joined(parts: list[TrainingTensors], device=None) -> TrainingTensors:
+    """The slices of every part, one after the other (on `device`, if given)."""
+    def cat(name):
+        tensors = [getattr(p, name) for p in parts]
+        if tensors[0] is None:
+            return None
+        return torch.cat(tensors) if device is None else torch.cat(tensors).to(device)
+
+    return TrainingTensors(cat("images"), cat("sparse"), cat("dense"), cat("present"), cat("outside"))
 
 
 def build_training_tensors(cases, classes, settings, device) -> TrainingTensors:
+    """Every case's training slices (`case_tensors`), on `device`."""
     parts = [case_tensors(case, classes, settings) for case in cases]
     parts = [p for p in parts if len(p.images)]
     if not parts:
@@ -151,17 +178,11 @@ def build_training_tensors(cases, classes, settings, device) -> TrainingTensors:
         names = [c.name for c, seen in zip(classes, clicked.tolist()) if seen]
         raise PSCVError(f"clicks found for {names or 'no class'} only: place points on the background and "
                         "on at least one organ")
-    dense = None if parts[0].dense is None else torch.cat([p.dense for p in parts]).to(device)
-    return TrainingTensors(
-        images=torch.cat([p.images for p in parts]).to(device),
-        sparse=torch.cat([p.sparse for p in parts]).to(device),
-        dense=dense,
-        present=torch.cat([p.present for p in parts]).to(device),
-    )
+    return joined(parts, device)
 
 
 def loss_terms(logits, images, sparse, dense, present, settings: TrainSettings, step: int,
-               teacher_probabilities=None, auxiliary_logits=None, mix: float = 0.5) -> dict:
+               teacher_probabilities=None, auxiliary_logits=None, mix: float = 0.5, outside=None) -> dict:
     """The loss terms of the chosen method, each a scalar tensor already weighted; the total is their sum.
     `auxiliary_logits` (DMPLS): the auxiliary decoder's output, `mix` the weight of the main decoder's
     probabilities in the pseudo-labels."""
@@ -187,6 +208,8 @@ def loss_terms(logits, images, sparse, dense, present, settings: TrainSettings, 
     if settings.affinity_weight:
         terms["affinity"] = settings.affinity_weight * local_affinity(
             probabilities, images, sigma_intensity=settings.affinity_sigma)
+    if outside is not None:
+        terms["outside"] = settings.outside_weight * background_cross_entropy(logits, outside)
     if settings.crf_weight:
         terms["crf"] = settings.crf_weight * gated_crf(probabilities, images, settings.crf_radius,
                                                        settings.crf_sigma_xy, settings.crf_sigma_intensity)
@@ -354,7 +377,10 @@ def train(cases: list[Case], classes: list[ClassInfo], settings: TrainSettings |
             save_checkpoint(run, checkpoint_dir, step + 1)
     if final_checkpoint:
         save_checkpoint(run, checkpoint_dir, settings.iterations)
-    return finish_model(run, classes, len(cases), resumed=resume is not None)
+    model = finish_model(run, classes, len(cases), resumed=resume is not None)
+    if settings.largest_piece:
+        model.metadata["one_piece_classes"] = check_pieces(model, cases, classes, run.device, progress)
+    return model
 
 
 def setup_run(cases, classes, settings: TrainSettings, progress=None, should_stop=None,
@@ -424,25 +450,25 @@ def restore_run(run: TrainingRun, resume) -> None:
 
 
 def draw_batch(run: TrainingRun):
-    """This step's slices, augmented: (images, clicks, dense labels or None, classes present)."""
-    settings, data = run.settings, run.data
-    index = torch.randint(0, len(data.images), (run.batch_size,), generator=run.generator).to(run.device)
-    images, sparse = data.images[index], data.sparse[index]
-    dense = None if data.dense is None else data.dense[index]
+    """This step's slices, augmented: (images, clicks, dense labels or None, classes present, outside or None)."""
+    settings = run.settings
+    index = torch.randint(0, len(run.data.images), (run.batch_size,), generator=run.generator).to(run.device)
+    batch = slices_on_device(run.data, index, run.device)
+    images, sparse, dense, outside = batch.images, batch.sparse, batch.dense, batch.outside
     if settings.augment == "flip":
-        images, sparse, dense = flip_batch([images, sparse, dense], run.augmenter)
+        images, sparse, dense, outside = flip_batch([images, sparse, dense, outside], run.augmenter)
     elif settings.augment == "affine":
-        images, sparse, dense = affine_batch(images, sparse, dense, run.augmenter, settings.augment_rotation,
-                                             settings.augment_scale, settings.augment_intensity,
-                                             aligned=settings.method == "pscv")
-    return images, sparse, dense, data.present[index]
+        images, sparse, (dense, outside) = affine_batch(
+            images, sparse, [dense, outside], run.augmenter, settings.augment_rotation, settings.augment_scale,
+            settings.augment_intensity, aligned=settings.method == "pscv")
+    return images, sparse, dense, batch.present, outside
 
 
 def train_step(run: TrainingRun, step: int):
     """One step: draw a batch, augment it, forward, the loss terms, backward, update (and the teacher).
     Returns the loss and its terms (tensors on the device: reading them waits for it)."""
     settings = run.settings
-    images, sparse, dense, present = draw_batch(run)
+    images, sparse, dense, present, outside = draw_batch(run)
     for group in run.optimizer.param_groups:
         group["lr"] = poly_learning_rate(settings, step)
     if run.channels_last:
@@ -456,7 +482,7 @@ def train_step(run: TrainingRun, step: int):
             with torch.no_grad():
                 teacher_probabilities = run.teacher(images).float().softmax(dim=1)
     terms = loss_terms(logits, images, sparse, dense, present, settings, step, teacher_probabilities,
-                       auxiliary_logits, mix)
+                       auxiliary_logits, mix, outside)
     loss = sum(terms.values())
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -491,6 +517,28 @@ def save_checkpoint(run: TrainingRun, checkpoint_dir, steps_done: int) -> None:
         checkpoints.save_checkpoint(Path(checkpoint_dir) / checkpoints.CHECKPOINT,
                                     checkpoints.training_tensors(run.network, run.optimizer, run.teacher, randoms),
                                     state)
+
+
+PIECE_CHECK_CASES = 20  # enough to see a class of several pieces, a few seconds of inference
+
+
+def check_pieces(model: Model, cases, classes, device, progress=None) -> list:
+    """The classes whose largest piece a prediction keeps (`pieces.one_piece_classes`), from the model's own
+    prediction of the first training cases: their clicks (or, for `full`, their labels) must lie in one piece.
+    Not cancellable: it runs after the last step, and a cancel must not lose the trained network."""
+    from .inference import predict_volume
+
+    full = model.metadata["method"] == "full"
+    checked = [case for case in cases if (case.labels if full else case.clicks) is not None][:PIECE_CHECK_CASES]
+    reporter = Reporter("check pieces", len(checked), progress, device=str(device))
+
+    def predictions():
+        for done, case in enumerate(checked):
+            yield case.labels if full else predict_volume(model, case.image, device)
+            reporter.step(done + 1, ask=False)
+
+    clicks = [None if full else case.clicks for case in checked]
+    return one_piece_classes(predictions(), clicks, [c.value for c in classes if c.value != 0])
 
 
 def finish_model(run: TrainingRun, classes, cases: int, resumed: bool) -> Model:

@@ -26,11 +26,13 @@ import numpy as np
 from .. import PSCVError, __version__
 from ..base.atomic import write_text_atomic
 from ..data.classes import ACDC_CLASSES
+from ..learn.budgets import COHORT_CPU_BUDGET, COHORT_GPU_BUDGET
 from .acdc import check_acdc_folder
 
 # What each row of the table trains: the plain losses, the earlier default (pCE + affinity + pseudo-labels),
 # the paper's loss with the same two terms, `default` (whatever `pscv train` does by default) and dense labels.
-PLAIN = {"affinity_weight": 0.0, "pseudo_weight": 0.0, "crf_weight": 0.0, "dmpls_weight": 0.0}  # no extra term
+PLAIN = {"affinity_weight": 0.0, "pseudo_weight": 0.0, "crf_weight": 0.0, "dmpls_weight": 0.0, "outside_weight": 0.0,
+         "largest_piece": False}  # no extra term, no post-processing
 RECIPES = {
     "default": {},
     "pce": {"method": "pce", **PLAIN},
@@ -44,12 +46,9 @@ RECIPES = {
 DEFAULT_RECIPES = ("pce", "ms", "pscv", "pce+aff+pl", "default", "full")
 COHORT_RECIPES = ("pce", "pscv", "default", "full")
 
-PROFILES = {
-    # 2 CPU cores, well inside 45 minutes for everything.
-    "quick": {"image_size": 128, "iterations": 1000, "batch_size": 12},
-    # A GPU: the usual weakly-supervised ACDC recipe.
-    "paper": {"image_size": 256, "iterations": 30000, "batch_size": 12},
-}
+# quick: what pscv train does on a CPU (2 cores: minutes per recipe); paper: on a GPU, the usual weakly-supervised
+# ACDC schedule.
+PROFILES = {"quick": dict(COHORT_CPU_BUDGET), "paper": dict(COHORT_GPU_BUDGET)}
 
 
 def machine_description(device) -> str:
