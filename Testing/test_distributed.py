@@ -38,7 +38,11 @@ ENV = {"PYTHONPATH": str(HERE.parent / "PSCVSegment"), "OMP_NUM_THREADS": "1", "
 TWO_CLASSES = [ClassInfo("background", 0, (0, 0, 0)), ClassInfo("organ", 1, (230, 159, 0))]
 TINY = ["--method", "pscv", "--image-size", "32", "--device", "cpu", "--set", "widths=[8,16,32]",
         "--set", "cv_gather=true", "--set", "learning_rate=0.05", "--set", "affinity_weight=0",
-        "--set", "pseudo_weight=0", "--set", "precision=float32", "--quiet"]  # float32: one and two processes agree
+        "--set", "pseudo_weight=0", "--set", "outside_weight=0", "--set", "crf_weight=0",
+        "--set", "largest_piece=false", "--set", "precision=float32",
+        # SGD: Adam divides by the gradients' running size, so it turns round-off in near-zero gradients (which the
+        # two process layouts sum in different orders) into steps of the full learning rate
+        "--set", "optimizer=sgd", "--quiet"]  # float32: one and two processes agree
 RESUMED = {"method": "pscv", "iterations": 24, "batch_size": 2, "image_size": 32, "device": "cpu",
            "widths": [8, 16, 32], "dropout": [0.2, 0.2, 0.2], "augment": "flip", "cv_gather": True,
            "learning_rate": 0.05}
@@ -209,7 +213,8 @@ def test_a_finished_run_extends_to_a_larger_total_with_its_pseudo_labels_and_the
     history = extended.metadata["history"]
     assert history[:len(finished.metadata["history"])] == finished.metadata["history"]
     assert [h["step"] for h in history][-3:] == [20, 30, 39] and "pseudo" in history[-3]
-    assert extended.metadata["training"]["resumed_from_step"] == 12 and events[-1]["step"] == 40
+    last_step = [e["step"] for e in events if e["stage"] == "train"][-1]
+    assert extended.metadata["training"]["resumed_from_step"] == 12 and last_step == 40
     assert not torch.equal(extended.network.state_dict()["head.weight"], finished.network.state_dict()["head.weight"])
     from pscv.learn.training import poly_learning_rate
 
