@@ -2,6 +2,7 @@
 or on one val volume's own clicks (single mode), evaluated on the val patients, several in parallel.
 
     python benchmarks/sweep.py CONFIGS.json --out runs/sweep --workers 4 [--mode cohort|single] [--device cuda]
+        [--profile quick|paper]
 
 CONFIGS.json: [{"name": "pce", "settings": {"method": "pce", ...}, "seeds": [0, 1]}, ...] ("seeds" optional:
 --seeds for every config otherwise); every run appends one JSON line
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "PSCVSegment"))
+from pscv.research.bench import PROFILES  # noqa: E402 (after the engine's folder joins the path)
 
 
 def run_one(config: dict, args) -> dict:
@@ -103,7 +105,9 @@ def main():
     parser.add_argument("--deadline", type=float, help="seconds after which no new run starts")
     parser.add_argument("--max-runs", type=int, help="run at most this many of the pending runs (in file order), "
                         "then stop: a queue that a loop calls again picks up edits to CONFIGS.json")
-    parser.add_argument("--base", default="{}", help="JSON settings under every config's own")
+    parser.add_argument("--profile", choices=["quick", "paper"], help="cohort mode: the budget of pscv bench's "
+                        "profile (quick: pscv train's CPU budget; paper: its GPU budget) under every config's settings")
+    parser.add_argument("--base", default="{}", help="JSON settings under every config's own (over the profile's)")
     parser.add_argument("--force", default="{}", help="JSON settings over every config's own (for dry runs)")
     parser.add_argument("--save-models", metavar="DIR", help="keep each cohort run's model in DIR/NAME-seedS")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config given as JSON
@@ -120,10 +124,11 @@ def main():
             row = json.loads(line)
             done.add((row["name"], row["seed"]))
     runs = []
+    base = {**(PROFILES[args.profile] if args.profile else {}), **json.loads(args.base)}
     for config in json.loads(Path(args.configs).read_text()):
         for seed in config.get("seeds", [int(s) for s in args.seeds.split(",")]):
             if (config["name"], seed) not in done:
-                settings = {**json.loads(args.base), **config["settings"], **json.loads(args.force), "seed": seed}
+                settings = {**base, **config["settings"], **json.loads(args.force), "seed": seed}
                 runs.append({**config, "settings": settings})
 
     runs = runs[:args.max_runs] if args.max_runs is not None else runs
