@@ -6,28 +6,20 @@ import torch
 from synthetic import CLASSES, two_organ_volume
 
 from pscv import PSCVError
-from pscv.data.clicks import Clicks, label_region, simulate_clicks
+from pscv.data.clicks import Clicks, simulate_clicks
 from pscv.data.dataset import Case
-from pscv.data.intensity import normalize
 from pscv.data.metrics import dice
 from pscv.learn.inference import predict_volume, slice_probabilities
-from pscv.learn.models import Model
-from pscv.learn.pieces import keep_largest_pieces, largest_piece
-from pscv.learn.training import (
-    TrainSettings,
-    build_training_tensors,
-    case_tensors,
-    scale_coordinates,
-    train,
-    zoom_region,
-)
+from pscv.learn.pieces import keep_largest_pieces
+from pscv.learn.training import TrainSettings, case_tensors, scale_coordinates, train
 
 torch.set_num_threads(2)
-# The loss mechanics alone, with SGD: the default recipe's extra terms (affinity, pseudo-labels, outside, gated CRF),
-# its zoomed views and its largest-piece step are tested on their own below; flips as the mechanics always had them.
+# The loss mechanics alone, with SGD and the flips they always had (without them ms reaches Dice 0.52 in 60 steps): the
+# default recipe's extra terms (affinity, pseudo-labels, outside, gated CRF) and its largest-piece step are tested on
+# their own below.
 TINY = {"image_size": 32, "batch_size": 4, "device": "cpu", "widths": (8, 16, 32, 64, 128), "affinity_weight": 0.0,
         "pseudo_weight": 0.0, "outside_weight": 0.0, "crf_weight": 0.0, "largest_piece": False, "optimizer": "sgd",
-        "zoom": False, "augment": "flip"}
+        "augment": "flip"}
 
 
 def test_simulated_clicks_one_per_present_class_per_slice_inside_it():
@@ -110,45 +102,6 @@ def test_default_recipe_trains_and_keeps_each_organs_largest_piece():
     probabilities = torch.cat([p for _, p in slice_probabilities(model, volume, "cpu")], dim=1)
     argmax = np.moveaxis(np.array([0, 1, 2])[probabilities.argmax(dim=0).numpy()], 0, volume.slice_axis())
     assert np.array_equal(prediction, keep_largest_pieces(argmax, [1, 2]))
-
-
-def test_a_zoomed_view_shows_the_grown_click_box_with_the_clicks_inside_it():
-    volume, _ = two_organ_volume(slices=3, size=64)
-    organs = np.array([[0, 20, 20], [2, 39, 39]])  # the organ clicks' box: rows and columns 20-39 (20 pixels)
-    clicks = Clicks(np.vstack([organs, [[1, 60, 2]], [[1, 30, 30]]]), np.array([1, 2, 0, 0]))
-    settings = TrainSettings(**{**TINY, "image_size": 32, "zoom": True, "zoom_margin": 0.5})
-    assert zoom_region(Case(volume, clicks), settings) == (slice(0, 3), slice(10, 50), slice(10, 50))
-    zoomed = build_training_tensors([Case(volume, clicks)], CLASSES, settings, "cpu", zoomed=True)
-    whole = build_training_tensors([Case(volume, clicks)], CLASSES, settings, "cpu")
-    assert int((whole.sparse != 255).sum()) == 4 and int((zoomed.sparse != 255).sum()) == 3  # (60, 2) is outside
-    # 40 pixels shown as 32: the click at row 20 (10 into the box) lands on pixel floor(10.5 * 32 / 40) = 8
-    assert zoomed.sparse[0, 8, 8] == 1 and zoomed.sparse[1, 16, 16] == 0 and zoomed.sparse[2, 23, 23] == 2
-    normalised = normalize(volume.array, settings.normalization)  # the whole volume's, as inference has it
-    expected = torch.nn.functional.interpolate(torch.from_numpy(normalised[:, 10:50, 10:50])[:, None], size=(32, 32),
-                                               mode="bilinear", align_corners=False)
-    assert torch.allclose(zoomed.images, expected)
-
-
-def test_a_zoom_model_segments_whole_slices_then_the_region_around_the_organs_found():
-    volume, labels = two_organ_volume()
-    case = Case(volume, simulate_clicks(labels, seed=0), labels, "synthetic")
-    settings = TrainSettings(method="pce", iterations=60, learning_rate=0.05, **{**TINY, "zoom": True})
-    model = train([case], CLASSES, settings)
-    events = []
-    prediction = predict_volume(model, volume, "cpu", progress=events.append)
-    assert [(e["stage"], e["total"]) for e in events if e["step"] == e["total"]] == [("predict", 6), ("zoom in", 6)]
-    assert dice(prediction == 1, labels == 1) > 0.6 and dice(prediction == 2, labels == 2) > 0.6
-    first = np.moveaxis(np.array([0, 1, 2])[torch.cat([p for _, p in slice_probabilities(model, volume, "cpu")],
-                                                      dim=1).argmax(dim=0).numpy()], 0, volume.slice_axis())
-    region = label_region(largest_piece(first != 0), volume.slice_axis(), settings.zoom_margin)
-    outside = np.ones(labels.shape, dtype=bool)
-    outside[region] = False
-    assert outside.any() and not prediction[outside].any()  # the second pass replaced the first: none outside it
-    unzoomed = Model(model.network, {**model.metadata, "settings": {k: v for k, v in model.metadata["settings"].items()
-                                                                      if k != "zoom"}})  # a model from before zoom
-    events.clear()
-    assert np.array_equal(predict_volume(unzoomed, volume, "cpu", progress=events.append), first)
-    assert {e["stage"] for e in events} == {"predict"}
 
 
 def test_affinity_and_pseudo_label_terms_train_and_report():

@@ -101,15 +101,6 @@ def click_region(clicks: Clicks, volume: Volume, margin: float) -> tuple[slice, 
     return grown_box(organ.min(axis=0), organ.max(axis=0) + 1, volume.shape, volume.slice_axis(), margin)
 
 
-def label_region(labels: np.ndarray, slice_axis: int, margin: float) -> tuple[slice, slice, slice]:
-    """The region of a label map `[k, j, i]` around its organs (every nonzero voxel), as `click_region` makes
-    it around clicks; the whole map when it has no organ."""
-    organ = [np.flatnonzero(labels.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-    if not len(organ[0]):
-        return tuple(slice(0, n) for n in labels.shape)
-    return grown_box([o[0] for o in organ], [o[-1] + 1 for o in organ], labels.shape, slice_axis, margin)
-
-
 def case_seed(seed: int, case: str) -> int:
     """A per-case seed for simulated clicks that does not depend on which other cases are converted."""
     return seed * 1_000_003 + zlib.crc32(case.encode())

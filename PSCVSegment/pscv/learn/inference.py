@@ -1,9 +1,7 @@
 """Inference: segment a whole volume with a trained model, and score a model on labelled cases.
 
 Slice-wise along the through-plane axis (the one with the largest spacing), each slice resized to the
-network's size, probabilities resized back to the native grid, all slices of a volume in batches. A model
-trained with zoomed views (setting `zoom`) segments the volume twice: whole slices, then the region around
-the organs found (grown as in training), where its segmentation replaces the first.
+network's size, probabilities resized back to the native grid, all slices of a volume in batches.
 """
 
 from __future__ import annotations
@@ -17,32 +15,29 @@ import torch.nn.functional as F
 from .. import PSCVError
 from ..base.progress import Reporter
 from ..base.resources import check_memory
-from ..data.clicks import label_region
 from ..data.dataset import load_case, read_dataset
 from ..data.intensity import normalize
 from ..data.volumes import Volume
 from .devices import resolve_device
 from .models import Model
-from .pieces import keep_largest_pieces, largest_piece
+from .pieces import keep_largest_pieces
 
 
 @torch.no_grad()
 def slice_probabilities(model: Model, volume: Volume, device="auto", batch_size: int = 16, progress=None,
-                        should_stop=None, region: tuple | None = None, stage: str = "predict"):
+                        should_stop=None):
     """Yield (first slice, class probabilities (K, n, H, W) on the native grid, a tensor on the device) batch
-    by batch along the slice axis (`volume.slice_axis()`); with `region` (3 slices, array order), of that part
-    of the volume only."""
+    by batch along the slice axis (`volume.slice_axis()`)."""
     device = resolve_device(device) if isinstance(device, str) else device
     if device.type == "cpu":
         check_memory(inference_bytes(model, volume, batch_size), f"segmenting a {'x'.join(map(str, volume.shape))} "
                      f"volume with a network of {model.image_size} x {model.image_size} pixels",
                      "lower the batch size (a predict job's batch_size), or use a machine with more memory")
     network = model.network.to(device).eval()
-    region = region or tuple(slice(0, n) for n in volume.shape)
-    slices = np.moveaxis(normalize(volume.array, model.metadata["normalization"])[region], volume.slice_axis(), 0)
+    slices = np.moveaxis(normalize(volume.array, model.metadata["normalization"]), volume.slice_axis(), 0)
     count, height, width = slices.shape
     size = model.image_size
-    reporter = Reporter(stage, count, progress, should_stop, device=str(device))
+    reporter = Reporter("predict", count, progress, should_stop, device=str(device))
     for start in range(0, count, batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(slices[start:start + batch_size]))[:, None].to(device)
         batch = F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False)
@@ -67,28 +62,14 @@ def inference_bytes(model: Model, volume: Volume, batch_size: int) -> float:
 def predict_volume(model: Model, volume: Volume, device="auto", batch_size: int = 16, progress=None,
                    should_stop=None) -> np.ndarray:
     """Label map `[k, j, i]` of class label values (uint8, or uint16 for values above 255); the classes the model
-    found to be one piece keep their largest piece (`learn.pieces`). A model trained with zoomed views segments
-    the region around the organs it found (their largest piece) again, at its zoom; outside it is background."""
+    found to be one piece keep their largest piece (`learn.pieces`)."""
     values = np.array([c.value for c in model.classes])
     values = values.astype(np.uint8 if values.max() <= 255 else np.uint16)
-
-    def label_map(region=None, stage="predict"):
-        shape = volume.shape if region is None else tuple(r.stop - r.start for r in region)
-        output = np.moveaxis(np.empty(shape, dtype=values.dtype), axis, 0)  # a view: writes land in order
-        for start, probabilities in slice_probabilities(model, volume, device, batch_size, progress, should_stop,
-                                                        region, stage):
-            output[start:start + probabilities.shape[1]] = values[probabilities.argmax(dim=0).cpu().numpy()]
-        return np.moveaxis(output, 0, axis)
-
     axis = volume.slice_axis()
-    labels = label_map()
-    settings = model.metadata.get("settings") or {}
-    organs = largest_piece(labels != 0) if settings.get("zoom") else None
-    if organs is not None and organs.any():
-        region = label_region(organs, axis, settings["zoom_margin"])
-        labels = np.zeros_like(labels)
-        labels[region] = label_map(region, "zoom in")
-    return keep_largest_pieces(labels, model.metadata.get("one_piece_classes", []))
+    output = np.moveaxis(np.empty(volume.shape, dtype=values.dtype), axis, 0)  # a view: writes land in order
+    for start, probabilities in slice_probabilities(model, volume, device, batch_size, progress, should_stop):
+        output[start:start + probabilities.shape[1]] = values[probabilities.argmax(dim=0).cpu().numpy()]
+    return keep_largest_pieces(np.moveaxis(output, 0, axis), model.metadata.get("one_piece_classes", []))
 
 
 def evaluate_cases(model: Model, cases, device="auto", progress=None) -> dict:

@@ -67,12 +67,6 @@ class TrainSettings:
     # Predictions keep only the largest connected piece of each class that is one piece (learn.pieces: its clicks on
     # the training cases lay in one piece of the trained network's prediction, checked on up to 20 cases)
     largest_piece: bool = True
-    # Zoom: half the batches show each case's organ region (the in-plane box around its organ clicks, or for `full`
-    # its labelled organs, grown by zoom_margin times its size on each side) instead of whole slices, at the same
-    # image_size: organs appear about twice as large. Predictions segment whole slices, then the region around
-    # what they found again (learn.inference.predict_volume).
-    zoom: bool = True
-    zoom_margin: float = 0.25
     # The gated CRF loss as WSL4MIS trains ACDC with it (losses.gated_crf; 0 = off):
     crf_weight: float = 0.1
     crf_radius: int = 5  # pixels of the network's input
@@ -194,8 +188,6 @@ SCHEMA = {
     "outside_weight": _number(0, 1000),
     "outside_margin": _number(0, 100),
     "largest_piece": Setting("bool"),
-    "zoom": Setting("bool"),
-    "zoom_margin": _number(0, 100),
     "crf_weight": _number(0, 1000),
     "crf_radius": _integer(1, 100),
     "crf_sigma_xy": _number(0, 1000, low_open=True),

@@ -35,7 +35,7 @@ from .. import PSCVError
 from ..base.progress import Cancelled, Reporter
 from ..base.resources import check_memory
 from ..data.classes import ClassInfo
-from ..data.clicks import click_region, label_region
+from ..data.clicks import click_region
 from ..data.dataset import Case
 from ..data.intensity import normalize
 from . import checkpoints, distributed
@@ -93,19 +93,16 @@ def scale_coordinates(coordinates: np.ndarray, extent: int, size: int) -> np.nda
     return np.clip(np.floor((coordinates + 0.5) * size / extent), 0, size - 1).astype(np.int64)
 
 
-def case_tensors(case: Case, classes: list[ClassInfo], settings: TrainSettings,
-                 region: tuple | None = None) -> TrainingTensors:
-    """The training slices of one case: slices with clicks (or every slice with labels for `full`); with
-    `region` (3 slices, array order), only that part of each slice, and of the clicks only those inside it."""
+def case_tensors(case: Case, classes: list[ClassInfo], settings: TrainSettings) -> TrainingTensors:
+    """The training slices of one case: slices with clicks (or every slice with labels for `full`)."""
     index_of = {c.value: n for n, c in enumerate(classes)}
     axis = case.image.slice_axis()
-    region = region or tuple(slice(0, n) for n in case.image.shape)
     labels = case.labels if settings.method == "full" else None
     if settings.method == "full" and labels is None:
         raise PSCVError(f"{case.name or 'case'}: method 'full' needs dense labels for every case")
 
-    def slices(array):  # the region, slice axis first
-        return np.moveaxis(array[region], axis, 0)
+    def slices(array):  # slice axis first
+        return np.moveaxis(array, axis, 0)
 
     image = slices(normalize(case.image.array, settings.normalization))
     count, height, width = image.shape
@@ -116,9 +113,7 @@ def case_tensors(case: Case, classes: list[ClassInfo], settings: TrainSettings,
         unknown = sorted(set(case.clicks.values.tolist()) - set(index_of))
         if unknown:
             raise PSCVError(f"{case.name or 'case'}: clicks with label values {unknown} that no class has")
-        start, stop = np.array([r.start for r in region]), np.array([r.stop for r in region])
-        inside = ((case.clicks.kji >= start) & (case.clicks.kji < stop)).all(axis=1)
-        kji, values = case.clicks.kji[inside] - start, case.clicks.values[inside]
+        kji, values = case.clicks.kji, case.clicks.values
         slice_index = kji[:, axis]
         rows, cols = (kji[:, a] for a in range(3) if a != axis)
         class_index = np.array([index_of[v] for v in values.tolist()], dtype=np.uint8)
@@ -151,14 +146,6 @@ def case_tensors(case: Case, classes: list[ClassInfo], settings: TrainSettings,
     )
 
 
-def zoom_region(case: Case, settings: TrainSettings) -> tuple:
-    """The part of a case its zoomed view shows: the box around its organ clicks (for `full`, its labelled
-    organs) grown by `zoom_margin` times its size on each side; inference zooms in on its prediction alike."""
-    if settings.method != "full":
-        return None if case.clicks is None else click_region(case.clicks, case.image, settings.zoom_margin)
-    return None if case.labels is None else label_region(case.labels, case.image.slice_axis(), settings.zoom_margin)
-
-
 def slices_on_device(data: TrainingTensors, index: torch.Tensor | None, device) -> TrainingTensors:
     """The slices `index` of `data` (all of them when None) on `device`."""
     def take(tensor):
@@ -179,9 +166,9 @@ def joined(parts: list[TrainingTensors], device=None) -> TrainingTensors:
     return TrainingTensors(cat("images"), cat("sparse"), cat("dense"), cat("present"), cat("outside"))
 
 
-def build_training_tensors(cases, classes, settings, device, zoomed: bool = False) -> TrainingTensors:
-    """Every case's training slices (`case_tensors`), on `device`; `zoomed`: their zoomed views (`zoom_region`)."""
-    parts = [case_tensors(case, classes, settings, zoom_region(case, settings) if zoomed else None) for case in cases]
+def build_training_tensors(cases, classes, settings, device) -> TrainingTensors:
+    """Every case's training slices (`case_tensors`), on `device`."""
+    parts = [case_tensors(case, classes, settings) for case in cases]
     parts = [p for p in parts if len(p.images)]
     if not parts:
         raise PSCVError("no training slice: no case has clicks" if settings.method != "full"
@@ -287,8 +274,7 @@ def training_bytes(cases, classes, settings: TrainSettings, device_type: str = "
     1.5 times of the peak for image_size 128-256 and batch_size 8-32)."""
     size, batch = settings.image_size, settings.batch_size
     largest = max((case.image.array.size for case in cases), default=0)
-    views = 2 if settings.zoom else 1  # whole slices and zoomed views
-    needed = views * training_slices(cases, settings) * size * size * 6 + largest * 8
+    needed = training_slices(cases, settings) * size * size * 6 + largest * 8
     if device_type == "cpu":
         network = shape_of_network(classes, settings)
         levels = sum(20 * width * (size // 2**level) ** 2 for level, width in enumerate(settings.widths))
@@ -311,7 +297,6 @@ class TrainingRun:
     generator: torch.Generator  # which slices each step draws (seed + rank)
     augmenter: torch.Generator  # the batch-wide flip/turn (the generator itself with one process)
     data: TrainingTensors  # this process's slices, on its device
-    zoomed: TrainingTensors | None  # their zoomed views (settings.zoom), likewise
     totals: dict  # the whole data set: {"slices", "clicks"}
     network_shape: dict
     network: torch.nn.Module  # the network being trained (SyncBatchNorm-converted where synchronised)
@@ -420,11 +405,6 @@ def setup_run(cases, classes, settings: TrainSettings, progress=None, should_sto
     data = build_training_tensors(cases, classes, settings, torch.device("cpu"))
     totals = {"slices": len(data.images), "clicks": int((data.sparse != IGNORE).sum().item())}
     data = slices_on_device(data, distributed.shard(totals["slices"], processes) if several else None, device)
-    zoomed = None
-    if settings.zoom:
-        zoomed = build_training_tensors(cases, classes, settings, torch.device("cpu"), zoomed=True)
-        zoomed = slices_on_device(zoomed, distributed.shard(len(zoomed.images), processes) if several else None,
-                                  device)
     reporter.step(1, force=True)
     network_shape = shape_of_network(classes, settings, training=True)
     network = build_network(network_shape)
@@ -449,7 +429,7 @@ def setup_run(cases, classes, settings: TrainSettings, progress=None, should_sto
         teacher = copy.deepcopy(network).eval().requires_grad_(False)
     batch_size = min(settings.batch_size, len(data.images)) if settings.method == "full" else settings.batch_size
     description = checkpoints.run_description(classes, network_shape, settings.to_dict(), processes.size, totals)
-    return TrainingRun(settings, processes, device, generator, augmenter, data, zoomed, totals, network_shape, network,
+    return TrainingRun(settings, processes, device, generator, augmenter, data, totals, network_shape, network,
                        network, optimizer, teacher, batch_size, description, synchronised,
                        pseudo_from=int(settings.pseudo_start * settings.iterations))
 
@@ -472,11 +452,8 @@ def restore_run(run: TrainingRun, resume) -> None:
 def draw_batch(run: TrainingRun):
     """This step's slices, augmented: (images, clicks, dense labels or None, classes present, outside or None)."""
     settings = run.settings
-    data = run.data
-    if run.zoomed is not None and torch.rand((), generator=run.augmenter).item() < 0.5:  # one view for the batch
-        data = run.zoomed
-    index = torch.randint(0, len(data.images), (run.batch_size,), generator=run.generator).to(run.device)
-    batch = slices_on_device(data, index, run.device)
+    index = torch.randint(0, len(run.data.images), (run.batch_size,), generator=run.generator).to(run.device)
+    batch = slices_on_device(run.data, index, run.device)
     images, sparse, dense, outside = batch.images, batch.sparse, batch.dense, batch.outside
     if settings.augment == "flip":
         images, sparse, dense, outside = flip_batch([images, sparse, dense, outside], run.augmenter)
