@@ -38,6 +38,18 @@ def background_cross_entropy(logits: torch.Tensor, where: torch.Tensor, backgrou
     return F.cross_entropy(logits.float(), target, ignore_index=IGNORE)
 
 
+def absent_class_penalty(probabilities: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Clicks come one per class present in a clicked slice, so an organ class without a click there is absent
+    from it: the mean over such (slice, class) pairs of the mean over the slice's pixels of -log(1 - p).
+    `present` (B, K) bool; the background (class 0) is never taken as absent. 0 when no class is absent."""
+    absent = ~present.bool()
+    absent[:, 0] = False
+    if not absent.any():
+        return probabilities.sum() * 0.0
+    penalty = -torch.log1p(-probabilities.float().clamp(max=1 - EPS)).mean(dim=(2, 3))
+    return penalty[absent].mean()
+
+
 def dense_cross_entropy(logits: torch.Tensor, dense_target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy + soft Dice on every pixel: the fully supervised upper bound (the WSL4MIS recipe)."""
     probabilities = logits.float().softmax(dim=1)

@@ -64,6 +64,9 @@ class TrainSettings:
     # outside_margin times its size on each side, at least 8 voxels): cross-entropy to background there (0 = off)
     outside_weight: float = 1.0
     outside_margin: float = 0.5
+    # An organ class without a click in a clicked slice is absent from it (clicks come one per class present):
+    # -log(1 - p) of that class over the slice (losses.absent_class_penalty; 0 = off)
+    absent_weight: float = 0.0
     # Predictions keep only the largest connected piece of each class that is one piece (learn.pieces: its clicks on
     # the training cases lay in one piece of the trained network's prediction, checked on up to 20 cases)
     largest_piece: bool = True
@@ -104,8 +107,8 @@ def describe_method(settings: dict) -> str:
     method = settings.get("method", TrainSettings.method)
     if method == "full":
         return method
-    terms = (("outside", "outside_weight"), ("gated CRF", "crf_weight"), ("affinity", "affinity_weight"),
-             ("pseudo-labels", "pseudo_weight"), ("DMPLS", "dmpls_weight"))
+    terms = (("outside", "outside_weight"), ("absent classes", "absent_weight"), ("gated CRF", "crf_weight"),
+             ("affinity", "affinity_weight"), ("pseudo-labels", "pseudo_weight"), ("DMPLS", "dmpls_weight"))
     extra = [name for name, key in terms if settings.get(key, getattr(TrainSettings, key))]
     return " + ".join([method, *extra])
 
@@ -187,6 +190,7 @@ SCHEMA = {
     "ema_decay": _number(0, 1),
     "outside_weight": _number(0, 1000),
     "outside_margin": _number(0, 100),
+    "absent_weight": _number(0, 1000),
     "largest_piece": Setting("bool"),
     "crf_weight": _number(0, 1000),
     "crf_radius": _integer(1, 100),

@@ -45,6 +45,7 @@ from .devices import resolve_device, uses_bfloat16
 from .distributed import gather_batch
 from .losses import (
     IGNORE,
+    absent_class_penalty,
     background_cross_entropy,
     contrastive_variance,
     dense_cross_entropy,
@@ -210,6 +211,8 @@ def loss_terms(logits, images, sparse, dense, present, settings: TrainSettings, 
             probabilities, images, sigma_intensity=settings.affinity_sigma)
     if outside is not None:
         terms["outside"] = settings.outside_weight * background_cross_entropy(logits, outside)
+    if settings.absent_weight:
+        terms["absent"] = settings.absent_weight * absent_class_penalty(probabilities, present)
     if settings.crf_weight:
         terms["crf"] = settings.crf_weight * gated_crf(probabilities, images, settings.crf_radius,
                                                        settings.crf_sigma_xy, settings.crf_sigma_intensity)
