@@ -213,12 +213,14 @@ def test_background_cross_entropy_counts_only_the_pixels_given():
 def test_absent_class_penalty_only_for_organ_classes_without_clicks():
     probabilities = torch.full((2, 3, 2, 2), 1 / 3)
     probabilities[1, :, 0, 0] = torch.tensor([0.0, 0.1, 0.9])  # class 2 likely at one pixel of slice 1
-    present = torch.tensor([[True, True, True], [False, True, False]])  # background unclicked: never absent
+    present = torch.tensor([[True, True, True], [True, True, False]])  # background never absent
     expected = -math.log(1 - 1 / 3) * 3 / 4 - math.log(0.1) / 4  # slice 1, class 2: the mean over its pixels
     assert absent_class_penalty(probabilities, present).item() == pytest.approx(expected, rel=1e-4)
     probabilities[1, 2, 0, 0] = 1.0  # certain: large, yet finite
     assert math.isfinite(absent_class_penalty(probabilities, present).item())
     assert absent_class_penalty(probabilities, torch.ones(2, 3, dtype=torch.bool)).item() == 0.0
+    correction_only = torch.tensor([[True, True, True], [False, True, False]])  # slice 1: no background click
+    assert absent_class_penalty(probabilities, correction_only).item() == 0.0
     logits = torch.zeros(1, 2, 2, 2, requires_grad=True)
     absent_class_penalty(logits.softmax(dim=1), torch.tensor([[True, False]])).backward()
     assert logits.grad[0, 1].gt(0).all()  # descent lowers the absent class everywhere

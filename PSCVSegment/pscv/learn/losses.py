@@ -41,9 +41,11 @@ def background_cross_entropy(logits: torch.Tensor, where: torch.Tensor, backgrou
 def absent_class_penalty(probabilities: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """Clicks come one per class present in a clicked slice, so an organ class without a click there is absent
     from it: the mean over such (slice, class) pairs of the mean over the slice's pixels of -log(1 - p).
-    `present` (B, K) bool; the background (class 0) is never taken as absent. 0 when no class is absent."""
-    absent = ~present.bool()
-    absent[:, 0] = False
+    `present` (B, K) bool, class 0 the background. Only a slice with a background click counts as fully clicked
+    (a lone correction click on an organ says nothing of the others); the background is never absent. 0 when
+    no class is absent."""
+    present = present.bool()
+    absent = ~present & present[:, :1]
     if not absent.any():
         return probabilities.sum() * 0.0
     penalty = -torch.log1p(-probabilities.float().clamp(max=1 - EPS)).mean(dim=(2, 3))
