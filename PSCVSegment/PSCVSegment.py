@@ -76,7 +76,9 @@ shows the time left, the <b>Log</b> what the worker reports.</li>
 <li>The result is a new segmentation (one segment per organ), ready for the Segment Editor. Export it with
 <b>Export .seg.nrrd</b> or, for a volume loaded from DICOM, <b>Export DICOM-SEG</b>; <b>Show 3D</b> shows surfaces.</li>
 </ol>
-In <b>Cohort</b>, collect volumes with their points in a dataset folder and train one model on them; in
+In <b>Cohort</b>, collect volumes with their points in a dataset folder and train one model on them (on each
+slice you click, click the background and every organ the slice shows: an organ without a point there is
+learnt as absent from it); in
 <b>Model</b>, save a trained model, apply it to the next volume, or fine-tune it with that volume's points.
 <b>Advanced</b>: device (auto, CUDA, CPU), number of iterations, a remote pscv server, or an existing Python
 environment with torch and CUDA.

@@ -38,7 +38,7 @@ ENV = {"PYTHONPATH": str(HERE.parent / "PSCVSegment"), "OMP_NUM_THREADS": "1", "
 TWO_CLASSES = [ClassInfo("background", 0, (0, 0, 0)), ClassInfo("organ", 1, (230, 159, 0))]
 TINY = ["--method", "pscv", "--image-size", "32", "--device", "cpu", "--set", "widths=[8,16,32]",
         "--set", "cv_gather=true", "--set", "learning_rate=0.05", "--set", "affinity_weight=0",
-        "--set", "pseudo_weight=0", "--set", "outside_weight=0", "--set", "crf_weight=0",
+        "--set", "pseudo_weight=0", "--set", "outside_weight=0", "--set", "crf_weight=0", "--set", "absent_weight=0",
         "--set", "largest_piece=false", "--set", "precision=float32",
         # SGD: Adam divides by the gradients' running size, so it turns round-off in near-zero gradients (which the
         # two process layouts sum in different orders) into steps of the full learning rate

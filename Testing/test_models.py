@@ -37,7 +37,8 @@ def test_round_trip_keeps_weights_metadata_and_predictions(tmp_path, model_and_v
     assert (predict_volume(loaded, volume, "cpu") == predict_volume(model, volume, "cpu")).all()
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.json", "model.safetensors", "model_card.json"]
     card = json.loads((tmp_path / "m" / "model_card.json").read_text())
-    assert card["method"] == "pce + outside + gated CRF + affinity + pseudo-labels"  # what ran: the default terms
+    # what ran: the default terms
+    assert card["method"] == "pce + outside + absent classes + gated CRF + affinity + pseudo-labels"
     assert card["data"] == {"cases": 1, "slices": 3, "clicks": 9}
     assert card["validation"] is None and card["training"]["processes"] == 1
 

@@ -15,11 +15,11 @@ from pscv.learn.training import TrainSettings, case_tensors, scale_coordinates, 
 
 torch.set_num_threads(2)
 # The loss mechanics alone, with SGD and the flips they always had (without them ms reaches Dice 0.52 in 60 steps): the
-# default recipe's extra terms (affinity, pseudo-labels, outside, gated CRF) and its largest-piece step are tested on
-# their own below.
+# default recipe's extra terms (affinity, pseudo-labels, outside, absent classes, gated CRF) and its largest-piece
+# step are tested on their own below.
 TINY = {"image_size": 32, "batch_size": 4, "device": "cpu", "widths": (8, 16, 32, 64, 128), "affinity_weight": 0.0,
-        "pseudo_weight": 0.0, "outside_weight": 0.0, "crf_weight": 0.0, "largest_piece": False, "optimizer": "sgd",
-        "augment": "flip"}
+        "pseudo_weight": 0.0, "outside_weight": 0.0, "crf_weight": 0.0, "absent_weight": 0.0, "largest_piece": False,
+        "optimizer": "sgd", "augment": "flip"}
 
 
 def test_simulated_clicks_one_per_present_class_per_slice_inside_it():
@@ -139,7 +139,8 @@ def test_affine_augmentation_moves_clicks_with_the_image_and_keeps_orientation()
 
 
 @pytest.mark.parametrize("extra", [{"optimizer": "adam", "learning_rate": 0.003}, {"augment": "affine"},
-                                   {"crf_weight": 0.1}, {"dmpls_weight": 0.5}])
+                                   {"crf_weight": 0.1}, {"absent_weight": 1.0},
+                                   {"dmpls_weight": 0.5}])
 def test_recipe_ingredients_train_and_save_a_plain_model(extra, tmp_path):
     from pscv.learn.models import load_model, save_model
 
@@ -149,7 +150,7 @@ def test_recipe_ingredients_train_and_save_a_plain_model(extra, tmp_path):
                                                     **extra}))
     history = model.metadata["history"]
     assert history[-1]["loss"] < history[0]["loss"]
-    assert ("crf" in history[0]) == ("crf_weight" in extra) and ("dmpls" in history[0]) == ("dmpls_weight" in extra)
+    assert all((term in history[0]) == (f"{term}_weight" in extra) for term in ("crf", "absent", "dmpls"))
     assert "auxiliary_decoder" not in model.metadata["network"]  # DMPLS's second decoder is for training only
     assert not any(name.startswith("aux_") for name in model.network.state_dict())
     save_model(model, tmp_path / "model")

@@ -64,14 +64,15 @@ class TrainSettings:
     # outside_margin times its size on each side, at least 8 voxels): cross-entropy to background there (0 = off)
     outside_weight: float = 1.0
     outside_margin: float = 0.5
-    # An organ class without a click in a clicked slice is absent from it (clicks come one per class present):
-    # -log(1 - p) of that class over the slice (losses.absent_class_penalty; 0 = off)
-    absent_weight: float = 0.0
+    # An organ class without a click in a slice with a background click is absent from it (clicks come one per
+    # class present): -log(1 - p) of that class over the slice (losses.absent_class_penalty; 0 = off)
+    absent_weight: float = 1.0
     # Predictions keep only the largest connected piece of each class that is one piece (learn.pieces: its clicks on
     # the training cases lay in one piece of the trained network's prediction, checked on up to 20 cases)
     largest_piece: bool = True
-    # The gated CRF loss as WSL4MIS trains ACDC with it (losses.gated_crf; 0 = off):
-    crf_weight: float = 0.1
+    # The gated CRF loss as WSL4MIS trains ACDC with it (losses.gated_crf; 0 = off), at a weight of 0.3 where
+    # WSL4MIS uses 0.1 (better on both cohorts here: BENCHMARKS.md)
+    crf_weight: float = 0.3
     crf_radius: int = 5  # pixels of the network's input
     crf_sigma_xy: float = 6.0  # pixels
     crf_sigma_intensity: float = 0.1  # normalised units

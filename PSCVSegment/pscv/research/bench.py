@@ -32,7 +32,7 @@ from .acdc import check_acdc_folder
 # What each row of the table trains: the plain losses, the earlier default (pCE + affinity + pseudo-labels),
 # the paper's loss with the same two terms, `default` (whatever `pscv train` does by default) and dense labels.
 PLAIN = {"affinity_weight": 0.0, "pseudo_weight": 0.0, "crf_weight": 0.0, "dmpls_weight": 0.0, "outside_weight": 0.0,
-         "largest_piece": False}  # no extra term, no post-processing
+         "absent_weight": 0.0, "largest_piece": False}  # no extra term, no post-processing
 RECIPES = {
     "default": {},
     "pce": {"method": "pce", **PLAIN},
