@@ -11,6 +11,7 @@ Real processes: `pscv train --nproc 2` re-launches itself under torchrun. Tolera
 """
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -56,12 +57,13 @@ def pscv(*args, check=True):
     return result
 
 
-def write_dataset(folder: Path, alike: bool, slices: int = 4, size: int = 32) -> Path:
+def write_dataset(folder: Path, alike: bool, slices: int = 4, size: int = 32, empty: int = 0) -> Path:
     """A one-case dataset folder (images, points, labels, classes.json) of a bright box on noise, a click on
-    the background and one on the box in every slice; `alike`: every slice the same, clicks included."""
+    the background and one on the box in every slice; `alike`: every slice the same, clicks included; the
+    first `empty` slices have no box (and so a background click only)."""
     rng = np.random.default_rng(0)
     labels = np.zeros((slices, size, size), dtype=np.uint8)
-    labels[:, size // 4:size * 5 // 8, size // 3:size * 3 // 4] = 1
+    labels[empty:, size // 4:size * 5 // 8, size // 3:size * 3 // 4] = 1
     noise = rng.normal(0, 30, (1 if alike else slices, size, size))
     volume = Volume((labels.astype(np.float32) * 800 + noise).astype(np.float32), spacing=(1.0, 1.0, 3.0))
     if alike:
@@ -117,6 +119,15 @@ def test_two_processes_match_one_process_with_the_same_global_batch(one_and_two_
     # One process spoke for both: one announcement, one progress line per step reported, one result line.
     assert two.stderr.count("training pscv on 1 cases") == 1 and "in 2 processes (global batch 4)" in two.stderr
     assert two.stdout.count("wrote") == 1
+
+
+def test_two_processes_gather_the_contrastive_maps_beside_the_absent_organ_term(tmp_path):
+    dataset = write_dataset(tmp_path / "data", alike=False, empty=2)  # the organ is absent from two clicked slices
+    out = tmp_path / "model"
+    pscv("train", dataset, "--out", out, *TINY, "--set", "absent_weight=1", "--iterations", "4",
+         "--batch-size", "2", "--nproc", "2")
+    history = json.loads((out / "model.json").read_text())["history"]
+    assert history[0]["absent"] > 0 and all(math.isfinite(h["loss"]) for h in history)
 
 
 def weights_at_start(root) -> dict:

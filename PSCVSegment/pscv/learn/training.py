@@ -199,11 +199,12 @@ def loss_terms(logits, images, sparse, dense, present, settings: TrainSettings, 
                 else probabilities)
         if settings.cv_pool > 1:
             maps = F.avg_pool2d(maps, settings.cv_pool)
+        maps_present = present
         if settings.cv_gather:  # all processes' maps; the gradient reaches each process's own
-            maps, present = gather_batch(maps), gather_batch(present)
+            maps, maps_present = gather_batch(maps), gather_batch(present)
         ramp = min(1.0, (step + 1) / settings.cv_warmup) if settings.cv_warmup else 1.0
         terms["cv"] = ramp * settings.cv_weight * contrastive_variance(
-            maps, present if settings.cv_present_only else None, settings.cv_temperature, settings.cv_pairing)
+            maps, maps_present if settings.cv_present_only else None, settings.cv_temperature, settings.cv_pairing)
     elif settings.method == "ms":
         terms["ms"] = settings.ms_weight * mumford_shah(probabilities, images)
     if settings.affinity_weight:
